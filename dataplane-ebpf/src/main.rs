@@ -1,0 +1,304 @@
+//! Service translation on each local pod's host-side interface.
+//!
+//! ```text
+//!   pod eth0 ==veth== host side (lxc*)
+//!                      |- TC ingress  `from_pod`: parse -> conntrack -> service lookup -> DNAT | reject
+//!                      '- TC egress   `to_pod`:   parse -> conntrack (reply) -> reverse NAT (SNAT)
+//! ```
+//!
+//! Every entry point only calls its `try_*` body; an `Err(DropReason)` becomes `TC_ACT_SHOT` plus a
+//! per-CPU drop counter. Packets the datapath does not handle (non-IPv4, other L4 protocols, IP
+//! fragments) pass untouched.
+#![no_std]
+#![no_main]
+
+mod parse;
+mod reject;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
+    },
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    macros::{classifier, map},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::TcContext,
+};
+use dataplane_common::{
+    Backend, CT_DIR_REPLY, CT_DIR_SERVICE, CT_FLAG_CLOSING, CtKey, CtValue, DropReason,
+    MAX_BACKENDS, MAX_CONNTRACK, MAX_REV_NAT_IDS, MAX_SERVICE_ENTRIES, PROTO_UDP, SCOPE_CLUSTER,
+    ServiceKey, ServiceValue, SvcStats,
+};
+use parse::{IPV4_OFF, Packet, TCP_FLAG_FIN, TCP_FLAG_RST};
+
+/// Service frontends: slot 0 is the header, slots 1..=count the backend ids. Written by the agent.
+#[map(name = "SERVICES_V1")]
+static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(MAX_SERVICE_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Backend id -> address and port. Written by the agent.
+#[map(name = "BACKENDS_V1")]
+static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+/// Translated connections, one entry per direction. Written by the datapath; swept by the agent.
+#[map(name = "CONNTRACK_V1")]
+static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
+
+/// Packets dropped or rejected, by `DropReason`. Written by the datapath; read by the agent.
+#[map(name = "DROPS_V1")]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
+
+/// Packets and bytes towards each service port, by reverse-NAT id. Written by the datapath.
+#[map(name = "SVC_STATS_V1")]
+static SVC_STATS: PerCpuArray<SvcStats> = PerCpuArray::with_max_entries(MAX_REV_NAT_IDS, 0);
+
+/// A conntrack entry's last-seen time is refreshed at most this often, to keep per-packet map writes
+/// rare.
+const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+#[classifier]
+pub fn from_pod(ctx: TcContext) -> i32 {
+    verdict(try_from_pod(&ctx))
+}
+
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    verdict(try_to_pod(&ctx))
+}
+
+#[inline(always)]
+fn verdict(result: Result<i32, DropReason>) -> i32 {
+    match result {
+        Ok(action) => action,
+        Err(reason) => {
+            count_drop(reason);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+#[inline(always)]
+fn count_drop(reason: DropReason) {
+    if let Some(counter) = DROPS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+fn count_service(rev_nat_id: u16, bytes: u32) {
+    if let Some(stats) = SVC_STATS.get_ptr_mut(u32::from(rev_nat_id)) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += u64::from(bytes);
+        }
+    }
+}
+
+fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
+    let Some(pkt) = Packet::parse(ctx)? else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    let key = CtKey {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        dir: CT_DIR_SERVICE,
+        pad: 0,
+    };
+    if let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
+        // SAFETY: the pointer comes from a successful lookup; the entry is only read and its flags
+        // and timestamp updated, racing writers can at worst lose one refresh.
+        let ct = unsafe { &mut *ct };
+        let reopened = pkt.is_tcp_syn() && ct.flags & CT_FLAG_CLOSING != 0;
+        if !reopened {
+            track(ct, &pkt);
+            count_service(ct.rev_nat_id, ctx.len());
+            nat_dst(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
+            return Ok(TC_ACT_OK as i32);
+        }
+    }
+
+    let mut svc_key = ServiceKey {
+        addr: pkt.daddr,
+        port: pkt.dport,
+        proto: pkt.proto,
+        scope: SCOPE_CLUSTER,
+        slot: 0,
+        pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(header) = (unsafe { SERVICES.get(&svc_key) }).copied() else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    count_service(header.rev_nat_id, ctx.len());
+    if header.count == 0 {
+        count_drop(DropReason::NoBackend);
+        return reject::reply(ctx, &pkt);
+    }
+    // SAFETY: helper call without arguments.
+    let pick = unsafe { bpf_get_prandom_u32() } % u32::from(header.count);
+    svc_key.slot = (pick + 1) as u16;
+    // SAFETY: the value is copied out at once.
+    let slot = unsafe { SERVICES.get(&svc_key) }.ok_or(DropReason::BackendMissing)?;
+    let backend_id = slot.backend_id;
+    // SAFETY: the value is copied out at once.
+    let backend = *unsafe { BACKENDS.get(backend_id) }.ok_or(DropReason::BackendMissing)?;
+
+    // SAFETY: helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let flags = closing_flags(&pkt);
+    let reply_key = CtKey {
+        saddr: backend.addr,
+        daddr: pkt.saddr,
+        sport: backend.port,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        pad: 0,
+    };
+    let reply = CtValue {
+        nat_addr: pkt.daddr,
+        nat_port: pkt.dport,
+        flags,
+        backend_id,
+        rev_nat_id: header.rev_nat_id,
+        pad: 0,
+        last_seen_ns: now,
+    };
+    let forward = CtValue {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        ..reply
+    };
+    // The reply entry goes in first, so the backend's first answer always finds it. Both inserts
+    // overwrite: a reopened tuple (SYN after FIN/RST) replaces its stale entries.
+    CONNTRACK
+        .insert(&reply_key, &reply, 0)
+        .map_err(|_| DropReason::CtCreateFailed)?;
+    CONNTRACK
+        .insert(&key, &forward, 0)
+        .map_err(|_| DropReason::CtCreateFailed)?;
+    nat_dst(ctx, &pkt, backend.addr, backend.port)?;
+    Ok(TC_ACT_OK as i32)
+}
+
+fn try_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
+    let Some(pkt) = Packet::parse(ctx)? else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    let key = CtKey {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        pad: 0,
+    };
+    let Some(ct) = CONNTRACK.get_ptr_mut(&key) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    // SAFETY: as in `try_from_pod`.
+    let ct = unsafe { &mut *ct };
+    track(ct, &pkt);
+    nat_src(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
+    Ok(TC_ACT_OK as i32)
+}
+
+#[inline(always)]
+fn closing_flags(pkt: &Packet) -> u16 {
+    if pkt.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0 {
+        CT_FLAG_CLOSING
+    } else {
+        0
+    }
+}
+
+/// Marks the entry closing on FIN/RST and refreshes its timestamp, at most once a second.
+#[inline(always)]
+fn track(ct: &mut CtValue, pkt: &Packet) {
+    let closing = closing_flags(pkt);
+    if ct.flags & closing != closing {
+        ct.flags |= closing;
+    }
+    // SAFETY: helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(ct.last_seen_ns) > CT_REFRESH_NS {
+        ct.last_seen_ns = now;
+    }
+}
+
+const IP_CSUM_OFF: usize = IPV4_OFF + 10;
+const IP_SADDR_OFF: usize = IPV4_OFF + 12;
+const IP_DADDR_OFF: usize = IPV4_OFF + 16;
+
+/// Rewrites destination address and port, fixing the IPv4 and L4 checksums incrementally.
+#[inline(always)]
+fn nat_dst(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16) -> Result<(), DropReason> {
+    rewrite(ctx, pkt, IP_DADDR_OFF, pkt.daddr, addr, pkt.l4_off + 2, pkt.dport, port)
+}
+
+/// Rewrites source address and port, fixing the IPv4 and L4 checksums incrementally.
+#[inline(always)]
+fn nat_src(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16) -> Result<(), DropReason> {
+    rewrite(ctx, pkt, IP_SADDR_OFF, pkt.saddr, addr, pkt.l4_off, pkt.sport, port)
+}
+
+#[expect(clippy::too_many_arguments, reason = "one call per direction, all offsets explicit")]
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    pkt: &Packet,
+    addr_off: usize,
+    old_addr: u32,
+    new_addr: u32,
+    port_off: usize,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), DropReason> {
+    let (csum_off, mangled) = if pkt.proto == PROTO_UDP {
+        (pkt.l4_off + 6, u64::from(BPF_F_MARK_MANGLED_0))
+    } else {
+        (pkt.l4_off + 16, 0)
+    };
+    let pseudo = u64::from(BPF_F_PSEUDO_HDR);
+    if old_addr != new_addr {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_addr),
+            u64::from(new_addr),
+            pseudo | mangled | 4,
+        )
+        .map_err(|_| DropReason::NatFailed)?;
+        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4)
+            .map_err(|_| DropReason::NatFailed)?;
+        ctx.store(addr_off, &new_addr, 0)
+            .map_err(|_| DropReason::NatFailed)?;
+    }
+    if old_port != new_port {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_port),
+            u64::from(new_port),
+            mangled | 2,
+        )
+        .map_err(|_| DropReason::NatFailed)?;
+        ctx.store(port_off, &new_port, 0)
+            .map_err(|_| DropReason::NatFailed)?;
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
