@@ -6,7 +6,9 @@ use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let workspace = manifest_dir.parent().context("agent crate has no parent directory")?;
+    let workspace = manifest_dir
+        .parent()
+        .context("agent crate has no parent directory")?;
     let ebpf_dir = workspace.join("dataplane-ebpf");
     let common_dir = workspace.join("dataplane-common");
     println!("cargo::rerun-if-changed={}", common_dir.display());

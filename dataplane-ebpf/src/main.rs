@@ -16,9 +16,7 @@ mod parse;
 mod reject;
 
 use aya_ebpf::{
-    bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
-    },
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{classifier, map},
     maps::{HashMap, LruHashMap, PerCpuArray},
@@ -239,16 +237,37 @@ const IP_DADDR_OFF: usize = IPV4_OFF + 16;
 /// Rewrites destination address and port, fixing the IPv4 and L4 checksums incrementally.
 #[inline(always)]
 fn nat_dst(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16) -> Result<(), DropReason> {
-    rewrite(ctx, pkt, IP_DADDR_OFF, pkt.daddr, addr, pkt.l4_off + 2, pkt.dport, port)
+    rewrite(
+        ctx,
+        pkt,
+        IP_DADDR_OFF,
+        pkt.daddr,
+        addr,
+        pkt.l4_off + 2,
+        pkt.dport,
+        port,
+    )
 }
 
 /// Rewrites source address and port, fixing the IPv4 and L4 checksums incrementally.
 #[inline(always)]
 fn nat_src(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16) -> Result<(), DropReason> {
-    rewrite(ctx, pkt, IP_SADDR_OFF, pkt.saddr, addr, pkt.l4_off, pkt.sport, port)
+    rewrite(
+        ctx,
+        pkt,
+        IP_SADDR_OFF,
+        pkt.saddr,
+        addr,
+        pkt.l4_off,
+        pkt.sport,
+        port,
+    )
 }
 
-#[expect(clippy::too_many_arguments, reason = "one call per direction, all offsets explicit")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call per direction, all offsets explicit"
+)]
 #[inline(always)]
 fn rewrite(
     ctx: &TcContext,

@@ -3,13 +3,15 @@
 //! the interface the packet came in on, towards the client pod.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, __sk_buff},
+    bindings::{__sk_buff, TC_ACT_SHOT},
     helpers::{bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail},
     programs::TcContext,
 };
 use dataplane_common::{DropReason, PROTO_TCP};
 
-use crate::parse::{ETH_HLEN, IPV4_OFF, Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN};
+use crate::parse::{
+    ETH_HLEN, IPV4_OFF, Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
+};
 
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -79,7 +81,13 @@ fn tcp_rst(ctx: &TcContext, pkt: &Packet, eth: &[u8; 12]) -> Result<(), DropReas
 fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet, eth: &[u8; 12]) -> Result<(), DropReason> {
     let quote: [u8; QUOTE_LEN] = ctx.load(IPV4_OFF).map_err(|_| DropReason::RejectFailed)?;
     let mut b = [0u8; ICMP_HEAD_LEN];
-    ip_header(&mut b, eth, pkt, IPPROTO_ICMP, (IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u16);
+    ip_header(
+        &mut b,
+        eth,
+        pkt,
+        IPPROTO_ICMP,
+        (IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u16,
+    );
     let i = ETH_HLEN + IP_HLEN;
     b[i] = ICMP_DEST_UNREACH;
     b[i + 1] = ICMP_PORT_UNREACH;

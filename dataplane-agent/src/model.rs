@@ -1,0 +1,261 @@
+//! The index: every object the agent knows, by kind, namespace and name, and what each change dirties.
+//!
+//! ```text
+//!  source event --apply/delete--> Index --> dirty services (re-translated, diffed, written)
+//!                                       --> pods changed   (interfaces re-scanned)
+//!  Service ns/a <--kubernetes.io/service-name-- EndpointSlice ns/a-xxxxx, ns/a-yyyyy
+//! ```
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
+
+/// The label that joins an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Pod,
+    Namespace,
+    Node,
+    NetworkPolicy,
+}
+
+impl Kind {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Pod => "Pod",
+            Kind::Namespace => "Namespace",
+            Kind::Node => "Node",
+            Kind::NetworkPolicy => "NetworkPolicy",
+        }
+    }
+}
+
+/// Identifies one object. Cluster-scoped kinds have an empty namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind.as_str(), self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind.as_str(), self.namespace, self.name)
+        }
+    }
+}
+
+/// A namespaced name, used for services.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NsName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for NsName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One object of a kind the agent watches.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+    Pod(Pod),
+    Namespace(Namespace),
+    Node(Node),
+    NetworkPolicy(NetworkPolicy),
+}
+
+impl Object {
+    #[must_use]
+    pub fn key(&self) -> ObjectKey {
+        let (kind, meta) = match self {
+            Object::Service(o) => (Kind::Service, &o.metadata),
+            Object::EndpointSlice(o) => (Kind::EndpointSlice, &o.metadata),
+            Object::Pod(o) => (Kind::Pod, &o.metadata),
+            Object::Namespace(o) => (Kind::Namespace, &o.metadata),
+            Object::Node(o) => (Kind::Node, &o.metadata),
+            Object::NetworkPolicy(o) => (Kind::NetworkPolicy, &o.metadata),
+        };
+        let namespace = match kind {
+            Kind::Namespace | Kind::Node => String::new(),
+            _ => meta
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".to_owned()),
+        };
+        ObjectKey {
+            kind,
+            namespace,
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// What a change touched.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Dirty {
+    pub services: BTreeSet<NsName>,
+    pub pods: bool,
+}
+
+impl Dirty {
+    pub fn merge(&mut self, other: Dirty) {
+        self.services.extend(other.services);
+        self.pods |= other.pods;
+    }
+}
+
+/// Every watched object, indexed for the lookups translation needs.
+#[derive(Debug, Default)]
+pub struct Index {
+    pub services: BTreeMap<NsName, Service>,
+    slices: BTreeMap<NsName, EndpointSlice>,
+    /// Service -> names of its EndpointSlices (same namespace).
+    slices_by_service: BTreeMap<NsName, BTreeSet<String>>,
+    pub pods: BTreeMap<NsName, Pod>,
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub nodes: BTreeMap<String, Node>,
+    pub network_policies: BTreeMap<NsName, NetworkPolicy>,
+}
+
+fn slice_service(slice: &EndpointSlice, namespace: &str) -> Option<NsName> {
+    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some(NsName {
+        namespace: namespace.to_owned(),
+        name: name.clone(),
+    })
+}
+
+impl Index {
+    /// Adds or replaces an object.
+    pub fn apply(&mut self, object: Object) -> Dirty {
+        let key = object.key();
+        let id = NsName {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+        };
+        let mut dirty = Dirty::default();
+        match object {
+            Object::Service(svc) => {
+                self.services.insert(id.clone(), svc);
+                dirty.services.insert(id);
+            }
+            Object::EndpointSlice(slice) => {
+                dirty.merge(self.remove_slice(&id));
+                if let Some(svc) = slice_service(&slice, &id.namespace) {
+                    self.slices_by_service
+                        .entry(svc.clone())
+                        .or_default()
+                        .insert(id.name.clone());
+                    dirty.services.insert(svc);
+                }
+                self.slices.insert(id, slice);
+            }
+            Object::Pod(pod) => {
+                self.pods.insert(id, pod);
+                dirty.pods = true;
+            }
+            Object::Namespace(ns) => {
+                self.namespaces.insert(id.name, ns);
+            }
+            Object::Node(node) => {
+                self.nodes.insert(id.name, node);
+            }
+            Object::NetworkPolicy(np) => {
+                self.network_policies.insert(id, np);
+            }
+        }
+        dirty
+    }
+
+    /// Removes an object; unknown keys are a no-op.
+    pub fn delete(&mut self, key: &ObjectKey) -> Dirty {
+        let id = NsName {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+        };
+        let mut dirty = Dirty::default();
+        match key.kind {
+            Kind::Service => {
+                if self.services.remove(&id).is_some() {
+                    dirty.services.insert(id);
+                }
+            }
+            Kind::EndpointSlice => dirty.merge(self.remove_slice(&id)),
+            Kind::Pod => dirty.pods = self.pods.remove(&id).is_some(),
+            Kind::Namespace => {
+                self.namespaces.remove(&id.name);
+            }
+            Kind::Node => {
+                self.nodes.remove(&id.name);
+            }
+            Kind::NetworkPolicy => {
+                self.network_policies.remove(&id);
+            }
+        }
+        dirty
+    }
+
+    fn remove_slice(&mut self, id: &NsName) -> Dirty {
+        let mut dirty = Dirty::default();
+        if let Some(old) = self.slices.remove(id)
+            && let Some(svc) = slice_service(&old, &id.namespace)
+        {
+            if let Some(names) = self.slices_by_service.get_mut(&svc) {
+                names.remove(&id.name);
+                if names.is_empty() {
+                    self.slices_by_service.remove(&svc);
+                }
+            }
+            dirty.services.insert(svc);
+        }
+        dirty
+    }
+
+    /// The EndpointSlices of a service, in name order.
+    #[must_use]
+    pub fn slices_of(&self, svc: &NsName) -> Vec<&EndpointSlice> {
+        self.slices_by_service
+            .get(svc)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| {
+                self.slices.get(&NsName {
+                    namespace: svc.namespace.clone(),
+                    name: name.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Number of objects of each kind.
+    #[must_use]
+    pub fn counts(&self) -> BTreeMap<&'static str, usize> {
+        BTreeMap::from([
+            (Kind::Service.as_str(), self.services.len()),
+            (Kind::EndpointSlice.as_str(), self.slices.len()),
+            (Kind::Pod.as_str(), self.pods.len()),
+            (Kind::Namespace.as_str(), self.namespaces.len()),
+            (Kind::Node.as_str(), self.nodes.len()),
+            (Kind::NetworkPolicy.as_str(), self.network_policies.len()),
+        ])
+    }
+}

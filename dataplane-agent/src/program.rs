@@ -1,0 +1,310 @@
+//! Incremental programming: for each dirty service, translate, diff against what that service has
+//! in the maps, and write only the difference.
+//!
+//! ```text
+//!  dirty service --translate--> FrontendSpecs --ids--> new entries --+
+//!  programmed[service] ---------------------------------> old entries --diff--> ops --> MapWriter
+//! ```
+//!
+//! Reverse-NAT ids (one per frontend) and backend ids (one per backend address, shared by every
+//! service that uses it, reference-counted) are allocated here and stay stable while in use, so an
+//! endpoint change rewrites one slot, not the service.
+use std::collections::{BTreeMap, HashMap};
+
+use dataplane_common::{
+    BACKEND_ACTIVE, Backend, MAX_BACKENDS, MAX_REV_NAT_IDS, SCOPE_CLUSTER, ServiceKey, ServiceValue,
+};
+
+use crate::diff::{MapState, Op, diff};
+use crate::model::{Index, NsName};
+use crate::translate::{BackendAddr, Frontend, FrontendSpec, translate_service};
+
+/// Where map writes go: the kernel maps, or a [`MapState`] in tests.
+pub trait MapWriter {
+    /// Applies one write.
+    ///
+    /// # Errors
+    /// The write failed (for example, the map is full); the caller logs and counts it.
+    fn write(&mut self, op: &Op) -> anyhow::Result<()>;
+}
+
+impl MapWriter for MapState {
+    fn write(&mut self, op: &Op) -> anyhow::Result<()> {
+        self.apply(std::slice::from_ref(op));
+        Ok(())
+    }
+}
+
+/// What a sync did, for logs and status.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub ops: usize,
+    pub write_errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug)]
+struct IdPool {
+    next: u32,
+    max: u32,
+    free: Vec<u32>,
+}
+
+impl IdPool {
+    fn new(max: u32) -> Self {
+        Self {
+            next: 1,
+            max,
+            free: Vec::new(),
+        }
+    }
+
+    fn take(&mut self) -> Option<u32> {
+        self.free.pop().or_else(|| {
+            (self.next < self.max).then(|| {
+                self.next += 1;
+                self.next - 1
+            })
+        })
+    }
+
+    fn give(&mut self, id: u32) {
+        self.free.push(id);
+    }
+}
+
+/// Keeps the translation maps equal to what the index says, one service at a time.
+#[derive(Debug)]
+pub struct Programmer {
+    programmed: BTreeMap<NsName, Vec<FrontendSpec>>,
+    /// Which service owns each frontend; a second service claiming it is refused.
+    owners: HashMap<Frontend, NsName>,
+    rev_nat_ids: HashMap<Frontend, u16>,
+    rev_nat_pool: IdPool,
+    backend_ids: HashMap<BackendAddr, (u32, usize)>,
+    backend_pool: IdPool,
+}
+
+impl Default for Programmer {
+    fn default() -> Self {
+        Self {
+            programmed: BTreeMap::new(),
+            owners: HashMap::new(),
+            rev_nat_ids: HashMap::new(),
+            rev_nat_pool: IdPool::new(MAX_REV_NAT_IDS),
+            backend_ids: HashMap::new(),
+            backend_pool: IdPool::new(MAX_BACKENDS),
+        }
+    }
+}
+
+impl Programmer {
+    /// Number of frontends and backends currently programmed.
+    #[must_use]
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.rev_nat_ids.len(), self.backend_ids.len())
+    }
+
+    /// The reverse-NAT id of a programmed frontend.
+    #[must_use]
+    pub fn rev_nat_id(&self, frontend: &Frontend) -> Option<u16> {
+        self.rev_nat_ids.get(frontend).copied()
+    }
+
+    /// Every programmed frontend with its service, for reports.
+    pub fn frontends(&self) -> impl Iterator<Item = (&NsName, &FrontendSpec)> {
+        self.programmed
+            .iter()
+            .flat_map(|(svc, specs)| specs.iter().map(move |s| (svc, s)))
+    }
+
+    /// Re-translates one service from the index and writes the difference.
+    pub fn sync_service(
+        &mut self,
+        index: &Index,
+        svc: &NsName,
+        writer: &mut dyn MapWriter,
+    ) -> SyncReport {
+        let mut report = SyncReport::default();
+        let desired = match index.services.get(svc) {
+            None => Vec::new(),
+            Some(service) => match translate_service(service, &index.slices_of(svc)) {
+                Ok(t) => {
+                    report.warnings.extend(
+                        t.warnings
+                            .into_iter()
+                            .map(|w| format!("Service {svc}: {w}")),
+                    );
+                    t.frontends
+                }
+                Err(e) => {
+                    report.warnings.push(format!(
+                        "Service {svc} skipped, keeping what was programmed: {e}"
+                    ));
+                    return report;
+                }
+            },
+        };
+        let desired = self.claim(svc, desired, &mut report.warnings);
+        let old = self.programmed.remove(svc).unwrap_or_default();
+
+        let mut old_state = MapState::default();
+        let mut new_state = MapState::default();
+        for spec in &desired {
+            let Some(rev_nat_id) = self.rev_nat_id_for(spec.frontend) else {
+                report.warnings.push(format!(
+                    "Service {svc}: no reverse-NAT id left for {}",
+                    spec.frontend
+                ));
+                continue;
+            };
+            let mut ids = Vec::with_capacity(spec.backends.len());
+            for b in &spec.backends {
+                match self.acquire_backend(*b, &mut new_state) {
+                    Some(id) => ids.push(id),
+                    None => report
+                        .warnings
+                        .push(format!("Service {svc}: backend table full")),
+                }
+            }
+            entries(spec.frontend, rev_nat_id, &ids, &mut new_state);
+        }
+        for spec in &old {
+            let Some(&rev_nat_id) = self.rev_nat_ids.get(&spec.frontend) else {
+                continue;
+            };
+            let ids: Vec<u32> = spec
+                .backends
+                .iter()
+                .filter_map(|b| self.release_backend(*b, &mut old_state))
+                .collect();
+            entries(spec.frontend, rev_nat_id, &ids, &mut old_state);
+        }
+        for spec in &old {
+            if !desired.iter().any(|d| d.frontend == spec.frontend) {
+                self.owners.remove(&spec.frontend);
+                if let Some(id) = self.rev_nat_ids.remove(&spec.frontend) {
+                    self.rev_nat_pool.give(u32::from(id));
+                }
+            }
+        }
+        if !desired.is_empty() {
+            self.programmed.insert(svc.clone(), desired);
+        }
+
+        let ops = diff(&old_state, &new_state);
+        report.ops = ops.len();
+        for op in &ops {
+            if let Err(e) = writer.write(op) {
+                report.write_errors.push(format!("{op:?}: {e:#}"));
+            }
+        }
+        report
+    }
+
+    /// Drops frontends another service already owns.
+    fn claim(
+        &mut self,
+        svc: &NsName,
+        desired: Vec<FrontendSpec>,
+        warnings: &mut Vec<String>,
+    ) -> Vec<FrontendSpec> {
+        desired
+            .into_iter()
+            .filter(|spec| match self.owners.get(&spec.frontend) {
+                Some(owner) if owner != svc => {
+                    warnings.push(format!(
+                        "Service {svc}: {} is already served by Service {owner}, skipped",
+                        spec.frontend
+                    ));
+                    false
+                }
+                _ => {
+                    self.owners.insert(spec.frontend, svc.clone());
+                    true
+                }
+            })
+            .collect()
+    }
+
+    fn rev_nat_id_for(&mut self, frontend: Frontend) -> Option<u16> {
+        if let Some(id) = self.rev_nat_ids.get(&frontend) {
+            return Some(*id);
+        }
+        let id = u16::try_from(self.rev_nat_pool.take()?).ok()?;
+        self.rev_nat_ids.insert(frontend, id);
+        Some(id)
+    }
+
+    /// Takes a reference on a backend id; a new id's entry goes into `created`.
+    fn acquire_backend(&mut self, b: BackendAddr, created: &mut MapState) -> Option<u32> {
+        if let Some((id, refs)) = self.backend_ids.get_mut(&b) {
+            *refs += 1;
+            return Some(*id);
+        }
+        let id = self.backend_pool.take()?;
+        self.backend_ids.insert(b, (id, 1));
+        created.backends.insert(id, backend_value(b));
+        Some(id)
+    }
+
+    /// Drops a reference; an id nobody uses any more goes into `freed`.
+    fn release_backend(&mut self, b: BackendAddr, freed: &mut MapState) -> Option<u32> {
+        let (id, refs) = self.backend_ids.get_mut(&b)?;
+        let id = *id;
+        *refs -= 1;
+        if *refs == 0 {
+            self.backend_ids.remove(&b);
+            self.backend_pool.give(id);
+            freed.backends.insert(id, backend_value(b));
+        }
+        Some(id)
+    }
+}
+
+fn backend_value(b: BackendAddr) -> Backend {
+    Backend {
+        addr: u32::from_ne_bytes(b.addr.octets()),
+        port: b.port.to_be(),
+        proto: b.proto.number(),
+        state: BACKEND_ACTIVE,
+    }
+}
+
+/// The map key of a frontend's slot.
+#[must_use]
+pub fn service_key(frontend: Frontend, slot: u16) -> ServiceKey {
+    ServiceKey {
+        addr: u32::from_ne_bytes(frontend.addr.octets()),
+        port: frontend.port.to_be(),
+        proto: frontend.proto.number(),
+        scope: SCOPE_CLUSTER,
+        slot,
+        pad: 0,
+    }
+}
+
+/// Header plus one slot per backend id.
+fn entries(frontend: Frontend, rev_nat_id: u16, backend_ids: &[u32], state: &mut MapState) {
+    let count = u16::try_from(backend_ids.len()).unwrap_or(u16::MAX);
+    state.services.insert(
+        service_key(frontend, 0),
+        ServiceValue {
+            backend_id: 0,
+            count,
+            rev_nat_id,
+            flags: 0,
+        },
+    );
+    for (slot, id) in (1..=count).zip(backend_ids) {
+        state.services.insert(
+            service_key(frontend, slot),
+            ServiceValue {
+                backend_id: *id,
+                count: 0,
+                rev_nat_id,
+                flags: 0,
+            },
+        );
+    }
+}
