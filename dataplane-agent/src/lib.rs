@@ -1,7 +1,10 @@
 //! The per-node agent: objects in, BPF map entries out.
+pub mod agent;
 pub mod datapath;
 pub mod diff;
 pub mod ebpf;
+pub mod interfaces;
+pub mod manifests;
 pub mod model;
 pub mod program;
 pub mod translate;

@@ -1,1 +1,62 @@
-fn main() {}
+//! `dataplane-agent`: wires arguments, logging and the agent's tasks.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use dataplane_agent::agent::{Config, run};
+
+#[derive(Parser)]
+#[command(version, about = "eBPF kube-proxy replacement: per-node agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Program this node's datapath from a source of Kubernetes objects and keep it in sync.
+    Run {
+        /// This node's name (Pods with this spec.nodeName are local).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// Directory of Kubernetes YAML manifests to read and watch.
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Where to write status JSON (programmed generation, manifest fingerprint, counters).
+        #[arg(long)]
+        status_file: Option<PathBuf>,
+        /// How often the manifests directory is checked for changes, in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        poll_ms: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            node_name,
+            manifests,
+            status_file,
+            poll_ms,
+        } => {
+            let config = Config {
+                node_name,
+                manifests,
+                status_file,
+                poll: Duration::from_millis(poll_ms),
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(run(config))
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! The manifests source: a directory of Kubernetes YAML (multi-document files included), watched by
+//! polling, turned into apply/delete events for only the objects that changed.
+//!
+//! ```text
+//!  DIR/*.yaml --stat--> changed files --parse--> objects per file --compare--> Apply / Delete
+//!                                                                  '--> fingerprint of all files
+//! ```
+//!
+//! A document that cannot be read is skipped with a warning naming it; when its kind and name can
+//! still be read, the object it had before is kept, so a bad edit loses nothing.
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::Deserialize as _;
+
+use crate::model::{Kind, Object, ObjectKey};
+
+/// One change to the index.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Apply(Box<Object>),
+    Delete(ObjectKey),
+}
+
+/// The result of a scan that found changes.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub events: Vec<Event>,
+    pub warnings: Vec<String>,
+    /// Fingerprint of every manifest file now in the directory (see
+    /// [`dataplane_common::manifest_fingerprint`]).
+    pub fingerprint: u64,
+}
+
+#[derive(Debug)]
+struct FileState {
+    stamp: (SystemTime, u64, PathBuf),
+    content: Vec<u8>,
+    objects: BTreeMap<ObjectKey, Object>,
+}
+
+/// Watches one directory.
+#[derive(Debug)]
+pub struct ManifestSource {
+    dir: PathBuf,
+    files: BTreeMap<String, FileState>,
+    /// Which file an object comes from; a second file defining the same object is ignored for it.
+    owners: HashMap<ObjectKey, String>,
+    scanned_once: bool,
+}
+
+/// Whether a file name is a manifest: `.yaml`, `.yml` or `.json`, not hidden.
+#[must_use]
+pub fn is_manifest(name: &str) -> bool {
+    !name.starts_with('.')
+        && Path::new(name)
+            .extension()
+            .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+}
+
+/// A document that could not be turned into an object.
+struct BadDocument {
+    key: Option<ObjectKey>,
+    warning: String,
+}
+
+impl ManifestSource {
+    #[must_use]
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            files: BTreeMap::new(),
+            owners: HashMap::new(),
+            scanned_once: false,
+        }
+    }
+
+    /// Looks for changes. Returns `None` when nothing changed since the last scan.
+    ///
+    /// The directory path is resolved once per scan, so a directory swapped in atomically (a
+    /// symlink replaced by rename, as Kubernetes does for ConfigMap volumes) is read as a whole.
+    ///
+    /// # Errors
+    /// The directory cannot be listed.
+    pub fn scan(&mut self) -> std::io::Result<Option<Scan>> {
+        let dir = std::fs::canonicalize(&self.dir)?;
+        let mut present = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            let path = entry.path();
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if meta.is_file() && is_manifest(&name) {
+                let stamp = (meta.modified()?, meta.len(), path);
+                present.insert(name, stamp);
+            }
+        }
+
+        let mut scan = Scan::default();
+        let mut changed = !self.scanned_once;
+        self.scanned_once = true;
+        let removed: Vec<String> = self
+            .files
+            .keys()
+            .filter(|n| !present.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in removed {
+            changed = true;
+            if let Some(old) = self.files.remove(&name) {
+                self.replace_objects(&name, old.objects, BTreeMap::new(), &mut scan);
+            }
+        }
+        for (name, stamp) in present {
+            if self.files.get(&name).is_some_and(|f| f.stamp == stamp) {
+                continue;
+            }
+            let content = match std::fs::read(&stamp.2) {
+                Ok(c) => c,
+                Err(e) => {
+                    scan.warnings
+                        .push(format!("{name}: cannot be read, keeping its objects: {e}"));
+                    continue;
+                }
+            };
+            if let Some(f) = self.files.get_mut(&name)
+                && f.content == content
+            {
+                f.stamp = stamp;
+                continue;
+            }
+            changed = true;
+            let old = self
+                .files
+                .remove(&name)
+                .map(|f| f.objects)
+                .unwrap_or_default();
+            let mut objects = BTreeMap::new();
+            for doc in parse_documents(&content) {
+                match doc {
+                    Ok(obj) => {
+                        objects.insert(obj.key(), obj);
+                    }
+                    Err(bad) => {
+                        scan.warnings.push(format!("{name}: {}", bad.warning));
+                        if let Some(key) = bad.key
+                            && let Some(previous) = old.get(&key)
+                        {
+                            objects.insert(key, previous.clone());
+                        }
+                    }
+                }
+            }
+            self.replace_objects(&name, old, objects.clone(), &mut scan);
+            self.files.insert(
+                name,
+                FileState {
+                    stamp,
+                    content,
+                    objects,
+                },
+            );
+        }
+        if !changed {
+            return Ok(None);
+        }
+        scan.fingerprint = dataplane_common::manifest_fingerprint(
+            self.files
+                .iter()
+                .map(|(n, f)| (n.as_bytes(), f.content.as_slice())),
+        );
+        Ok(Some(scan))
+    }
+
+    /// Emits the events that turn a file's old objects into its new ones.
+    fn replace_objects(
+        &mut self,
+        file: &str,
+        old: BTreeMap<ObjectKey, Object>,
+        new: BTreeMap<ObjectKey, Object>,
+        scan: &mut Scan,
+    ) {
+        for key in old.keys() {
+            if !new.contains_key(key) && self.owners.get(key).is_some_and(|o| o == file) {
+                self.owners.remove(key);
+                scan.events.push(Event::Delete(key.clone()));
+            }
+        }
+        for (key, obj) in new {
+            match self.owners.get(&key) {
+                Some(owner) if owner != file => {
+                    scan.warnings.push(format!(
+                        "{file}: {key} is already defined in {owner}, ignored here"
+                    ));
+                }
+                _ => {
+                    self.owners.insert(key.clone(), file.to_owned());
+                    if old.get(&key) != Some(&obj) {
+                        scan.events.push(Event::Apply(Box::new(obj)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Parses every document of a file. Kinds the agent does not watch are left out silently.
+fn parse_documents(content: &[u8]) -> Vec<Result<Object, BadDocument>> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_slice(content).enumerate() {
+        let value = match serde_yaml::Value::deserialize(doc) {
+            Ok(serde_yaml::Value::Null) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                out.push(Err(BadDocument {
+                    key: None,
+                    warning: format!("document {} is not valid YAML, skipped: {e}", i + 1),
+                }));
+                // The YAML stream cannot be resumed after a syntax error.
+                break;
+            }
+        };
+        if let Some(result) = to_object(i, value) {
+            out.push(result);
+        }
+    }
+    out
+}
+
+fn to_object(index: usize, value: serde_yaml::Value) -> Option<Result<Object, BadDocument>> {
+    let field = |path: &[&str]| -> Option<String> {
+        let mut v = &value;
+        for p in path {
+            v = v.get(*p)?;
+        }
+        v.as_str().map(str::to_owned)
+    };
+    let api_version = field(&["apiVersion"]).unwrap_or_default();
+    let kind_name = field(&["kind"]).unwrap_or_default();
+    let kind = match (api_version.as_str(), kind_name.as_str()) {
+        ("v1", "Service") => Kind::Service,
+        ("v1", "Pod") => Kind::Pod,
+        ("v1", "Namespace") => Kind::Namespace,
+        ("v1", "Node") => Kind::Node,
+        ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
+        ("networking.k8s.io/v1", "NetworkPolicy") => Kind::NetworkPolicy,
+        _ => return None,
+    };
+    let Some(name) = field(&["metadata", "name"]) else {
+        return Some(Err(BadDocument {
+            key: None,
+            warning: format!("document {} ({kind_name}) has no metadata.name, skipped", index + 1),
+        }));
+    };
+    let namespace = match kind {
+        Kind::Namespace | Kind::Node => String::new(),
+        _ => field(&["metadata", "namespace"]).unwrap_or_else(|| "default".to_owned()),
+    };
+    let key = ObjectKey {
+        kind,
+        namespace,
+        name,
+    };
+    let parsed = match kind {
+        Kind::Service => serde_yaml::from_value(value).map(Object::Service),
+        Kind::Pod => serde_yaml::from_value(value).map(Object::Pod),
+        Kind::Namespace => serde_yaml::from_value(value).map(Object::Namespace),
+        Kind::Node => serde_yaml::from_value(value).map(Object::Node),
+        Kind::EndpointSlice => serde_yaml::from_value(value).map(Object::EndpointSlice),
+        Kind::NetworkPolicy => serde_yaml::from_value(value).map(Object::NetworkPolicy),
+    };
+    Some(parsed.map_err(|e| BadDocument {
+        warning: format!("{key} is malformed, skipped (previous version kept): {e}"),
+        key: Some(key),
+    }))
+}
