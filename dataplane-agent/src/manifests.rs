@@ -254,7 +254,10 @@ fn to_object(index: usize, value: serde_yaml::Value) -> Option<Result<Object, Ba
     let Some(name) = field(&["metadata", "name"]) else {
         return Some(Err(BadDocument {
             key: None,
-            warning: format!("document {} ({kind_name}) has no metadata.name, skipped", index + 1),
+            warning: format!(
+                "document {} ({kind_name}) has no metadata.name, skipped",
+                index + 1
+            ),
         }));
     };
     let namespace = match kind {

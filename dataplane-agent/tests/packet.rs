@@ -520,3 +520,48 @@ fn tcp_payload_checksums_survive_translation() {
     let out = send(&dp, &p);
     assert_eq!((out.dst, out.dport, out.proto), (ip(BACKEND_A), 8080, TCP));
 }
+
+#[test]
+fn a_pod_reaching_itself_through_a_service_is_hairpinned() {
+    let mut dp = load();
+    add_service(&mut dp, VIP, 80, Proto::Tcp, &[(CLIENT, 8080)]);
+    let hairpin = "169.254.42.1";
+    let (verdict, out) = run(
+        &dp,
+        prog_names::FROM_POD,
+        &Pkt::tcp(CLIENT, 47000, VIP, 80, SYN).build(),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent straight back to the pod");
+    let fwd = parse_checked(&out);
+    assert_eq!(
+        (fwd.src, fwd.sport, fwd.dst, fwd.dport),
+        (ip(hairpin), 47000, ip(CLIENT), 8080)
+    );
+    assert_eq!(
+        (fwd.eth_dst, fwd.eth_src),
+        (common::CLIENT_MAC, common::HOST_MAC)
+    );
+
+    // The pod answers the hairpin address; the reply comes back as from the service address.
+    let reply = Pkt::tcp(CLIENT, 8080, hairpin, 47000, SYN | ACK).build();
+    let (verdict, out) = run(&dp, prog_names::FROM_POD, &reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let back = parse_checked(&out);
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip(VIP), 80, ip(CLIENT), 47000)
+    );
+
+    // Later packets of the connection take the same path.
+    let (verdict, out) = run(
+        &dp,
+        prog_names::FROM_POD,
+        &Pkt::tcp(CLIENT, 47000, VIP, 80, ACK).build(),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(parse_checked(&out).src, ip(hairpin));
+
+    // A packet to the hairpin address without a connection passes untouched.
+    let stray = Pkt::tcp(CLIENT, 8080, hairpin, 47999, ACK).build();
+    assert_eq!(run(&dp, prog_names::FROM_POD, &stray), (TC_ACT_OK, stray));
+}

@@ -104,6 +104,13 @@ pub struct CtKey {
 
 /// The connection saw a FIN or RST: a new SYN on the same tuple starts a new connection.
 pub const CT_FLAG_CLOSING: u16 = 1;
+/// A pod reached itself through a service: its source is rewritten to [`HAIRPIN_ADDR`] so the pod
+/// accepts the packet, and the reply comes back to the pod's own interface.
+pub const CT_FLAG_HAIRPIN: u16 = 2;
+
+/// Source address of hairpinned connections (a pod that reached itself through a service),
+/// network byte order: 169.254.42.1, link-local and never a pod or node address.
+pub const HAIRPIN_ADDR: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
 
 /// Value of the `CONNTRACK` map. For `CT_DIR_SERVICE` the NAT address is the backend (destination
 /// rewrite); for `CT_DIR_REPLY` it is the service address (source rewrite).

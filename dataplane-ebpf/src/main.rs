@@ -17,15 +17,15 @@ mod reject;
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect},
     macros::{classifier, map},
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use dataplane_common::{
-    Backend, CT_DIR_REPLY, CT_DIR_SERVICE, CT_FLAG_CLOSING, CtKey, CtValue, DropReason,
-    MAX_BACKENDS, MAX_CONNTRACK, MAX_REV_NAT_IDS, MAX_SERVICE_ENTRIES, PROTO_UDP, SCOPE_CLUSTER,
-    ServiceKey, ServiceValue, SvcStats,
+    Backend, CT_DIR_REPLY, CT_DIR_SERVICE, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CtKey, CtValue,
+    DropReason, HAIRPIN_ADDR, MAX_BACKENDS, MAX_CONNTRACK, MAX_REV_NAT_IDS, MAX_SERVICE_ENTRIES,
+    PROTO_UDP, SCOPE_CLUSTER, ServiceKey, ServiceValue, SvcStats,
 };
 use parse::{IPV4_OFF, Packet, TCP_FLAG_FIN, TCP_FLAG_RST};
 
@@ -98,6 +98,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(pkt) = Packet::parse(ctx)? else {
         return Ok(TC_ACT_OK as i32);
     };
+    if pkt.daddr == HAIRPIN_ADDR {
+        return hairpin_reply(ctx, &pkt);
+    }
     let key = CtKey {
         saddr: pkt.saddr,
         daddr: pkt.daddr,
@@ -116,6 +119,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
             track(ct, &pkt);
             count_service(ct.rev_nat_id, ctx.len());
             nat_dst(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
+            if ct.flags & CT_FLAG_HAIRPIN != 0 {
+                return hairpin(ctx, &pkt, HAIRPIN_ADDR, pkt.sport);
+            }
             return Ok(TC_ACT_OK as i32);
         }
     }
@@ -148,10 +154,15 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
 
     // SAFETY: helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let flags = closing_flags(&pkt);
+    let is_hairpin = backend.addr == pkt.saddr;
+    let (flags, client_addr) = if is_hairpin {
+        (closing_flags(&pkt) | CT_FLAG_HAIRPIN, HAIRPIN_ADDR)
+    } else {
+        (closing_flags(&pkt), pkt.saddr)
+    };
     let reply_key = CtKey {
         saddr: backend.addr,
-        daddr: pkt.saddr,
+        daddr: client_addr,
         sport: backend.port,
         dport: pkt.sport,
         proto: pkt.proto,
@@ -181,7 +192,59 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         .insert(&key, &forward, 0)
         .map_err(|_| DropReason::CtCreateFailed)?;
     nat_dst(ctx, &pkt, backend.addr, backend.port)?;
+    if is_hairpin {
+        return hairpin(ctx, &pkt, HAIRPIN_ADDR, pkt.sport);
+    }
     Ok(TC_ACT_OK as i32)
+}
+
+/// The reply of a hairpinned connection, sent by the backend pod to [`HAIRPIN_ADDR`]: restore the
+/// service address as its source and the pod itself as its destination.
+#[inline(never)]
+fn hairpin_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+    let key = CtKey {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        pad: 0,
+    };
+    let Some(ct) = CONNTRACK.get_ptr_mut(&key) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    // SAFETY: as in `try_from_pod`.
+    let ct = unsafe { &mut *ct };
+    track(ct, pkt);
+    // The destination becomes the pod itself (the client side of the hairpin).
+    rewrite(
+        ctx,
+        pkt,
+        IP_DADDR_OFF,
+        pkt.daddr,
+        pkt.saddr,
+        pkt.l4_off + 2,
+        pkt.dport,
+        pkt.dport,
+    )?;
+    hairpin(ctx, pkt, ct.nat_addr, ct.nat_port)
+}
+
+/// Rewrites the source of a packet that goes back to the pod it came from, and sends it straight
+/// back out of the same interface (no routing: the pod's interface is both ends).
+fn hairpin(ctx: &TcContext, pkt: &Packet, saddr: u32, sport: u16) -> Result<i32, DropReason> {
+    nat_src(ctx, pkt, saddr, sport)?;
+    let eth: [u8; 12] = ctx.load(0).map_err(|_| DropReason::NatFailed)?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&eth[6..]);
+    swapped[6..].copy_from_slice(&eth[..6]);
+    ctx.store(0, &swapped, 0)
+        .map_err(|_| DropReason::NatFailed)?;
+    // SAFETY: `skb` is the program's own context pointer.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
 fn try_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     bindings::{__sk_buff, TC_ACT_SHOT},
-    helpers::{bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail},
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail},
     programs::TcContext,
 };
 use dataplane_common::{DropReason, PROTO_TCP};
@@ -25,7 +25,9 @@ const ICMP_HLEN: usize = 8;
 const ICMP_HEAD_LEN: usize = ETH_HLEN + IP_HLEN + ICMP_HLEN;
 
 /// Builds the refusal and redirects it; packets that cannot be answered (an RST, IP options) are
-/// dropped, already counted as `NoBackend` by the caller.
+/// dropped, already counted as `NoBackend` by the caller. The builders are not inlined: their
+/// buffers get stack frames of their own instead of growing the caller's (BPF allows 512 bytes for
+/// a whole call chain).
 #[inline(always)]
 pub fn reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
     if pkt.ihl != IP_HLEN || pkt.tcp_flags & TCP_FLAG_RST != 0 {
@@ -43,59 +45,81 @@ pub fn reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
+/// A 4-byte aligned buffer, as `bpf_csum_diff` sums 32-bit words.
+#[repr(C, align(4))]
+struct Words<const N: usize>([u8; N]);
+
+#[inline(never)]
 fn tcp_rst(ctx: &TcContext, pkt: &Packet, eth: &[u8; 12]) -> Result<(), DropReason> {
-    let mut b = [0u8; RST_LEN];
-    ip_header(&mut b, eth, pkt, PROTO_TCP, (IP_HLEN + TCP_HLEN) as u16);
-    let t = ETH_HLEN + IP_HLEN;
-    b[t..t + 2].copy_from_slice(&pkt.dport.to_ne_bytes());
-    b[t + 2..t + 4].copy_from_slice(&pkt.sport.to_ne_bytes());
-    if pkt.tcp_flags & TCP_FLAG_ACK != 0 {
-        b[t + 4..t + 8].copy_from_slice(&pkt.tcp_ack.to_be_bytes());
-        b[t + 13] = TCP_FLAG_RST;
+    let ip = ip_header(pkt, PROTO_TCP, (IP_HLEN + TCP_HLEN) as u16)?;
+    let mut t = Words([0u8; TCP_HLEN]);
+    let [sp0, sp1] = pkt.dport.to_ne_bytes();
+    let [dp0, dp1] = pkt.sport.to_ne_bytes();
+    t.0[0] = sp0;
+    t.0[1] = sp1;
+    t.0[2] = dp0;
+    t.0[3] = dp1;
+    let (seq, ack, flags) = if pkt.tcp_flags & TCP_FLAG_ACK != 0 {
+        (pkt.tcp_ack, 0, TCP_FLAG_RST)
     } else {
-        let payload = pkt.tot_len - pkt.ihl - pkt.tcp_hlen;
-        let mut ack = pkt.tcp_seq.wrapping_add(payload as u32);
-        if pkt.tcp_flags & TCP_FLAG_SYN != 0 {
-            ack = ack.wrapping_add(1);
-        }
-        if pkt.tcp_flags & TCP_FLAG_FIN != 0 {
-            ack = ack.wrapping_add(1);
-        }
-        b[t + 8..t + 12].copy_from_slice(&ack.to_be_bytes());
-        b[t + 13] = TCP_FLAG_RST | TCP_FLAG_ACK;
-    }
-    b[t + 12] = (TCP_HLEN as u8 / 4) << 4;
-    // Pseudo header: addresses, zero, protocol, TCP length.
-    let mut sum = sum_words(0, &b[IPV4_OFF + 12..IPV4_OFF + 20]);
-    sum += u32::from(PROTO_TCP) + TCP_HLEN as u32;
-    let csum = fold(sum_words(sum, &b[t..t + TCP_HLEN]));
-    b[t + 16..t + 18].copy_from_slice(&csum.to_be_bytes());
+        let payload = (pkt.tot_len - pkt.ihl - pkt.tcp_hlen) as u32;
+        let syn_fin = u32::from(pkt.tcp_flags & TCP_FLAG_SYN != 0)
+            + u32::from(pkt.tcp_flags & TCP_FLAG_FIN != 0);
+        (
+            0,
+            pkt.tcp_seq.wrapping_add(payload).wrapping_add(syn_fin),
+            TCP_FLAG_RST | TCP_FLAG_ACK,
+        )
+    };
+    let [s0, s1, s2, s3] = seq.to_be_bytes();
+    let [a0, a1, a2, a3] = ack.to_be_bytes();
+    t.0[4] = s0;
+    t.0[5] = s1;
+    t.0[6] = s2;
+    t.0[7] = s3;
+    t.0[8] = a0;
+    t.0[9] = a1;
+    t.0[10] = a2;
+    t.0[11] = a3;
+    t.0[12] = (TCP_HLEN as u8 / 4) << 4;
+    t.0[13] = flags;
+    // Pseudo header: source, destination, zero, protocol, TCP length.
+    let mut pseudo = Words([0u8; 12]);
+    pseudo.0[..8].copy_from_slice(&ip.0[12..20]);
+    pseudo.0[9] = PROTO_TCP;
+    pseudo.0[11] = TCP_HLEN as u8;
+    let csum = checksum(&mut t, checksum_seed(&mut pseudo)?)?;
+    let [c0, c1] = csum.to_ne_bytes();
+    t.0[16] = c0;
+    t.0[17] = c1;
 
     // SAFETY: the context pointer is the program's own.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, RST_LEN as u32, 0) } != 0 {
         return Err(DropReason::RejectFailed);
     }
-    ctx.store(0, &b, 0).map_err(|_| DropReason::RejectFailed)
+    store_eth(ctx, eth)?;
+    ctx.store(IPV4_OFF, &ip.0, 0)
+        .map_err(|_| DropReason::RejectFailed)?;
+    ctx.store(IPV4_OFF + IP_HLEN, &t.0, 0)
+        .map_err(|_| DropReason::RejectFailed)
 }
 
+#[inline(never)]
 fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet, eth: &[u8; 12]) -> Result<(), DropReason> {
+    // The ICMP message: type, code, checksum, unused, then the quote.
     let quote: [u8; QUOTE_LEN] = ctx.load(IPV4_OFF).map_err(|_| DropReason::RejectFailed)?;
-    let mut b = [0u8; ICMP_HEAD_LEN];
-    ip_header(
-        &mut b,
-        eth,
-        pkt,
-        IPPROTO_ICMP,
-        (IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u16,
-    );
-    let i = ETH_HLEN + IP_HLEN;
-    b[i] = ICMP_DEST_UNREACH;
-    b[i + 1] = ICMP_PORT_UNREACH;
-    let csum = fold(sum_words(sum_words(0, &b[i..i + ICMP_HLEN]), &quote));
-    b[i + 2..i + 4].copy_from_slice(&csum.to_be_bytes());
+    let mut icmp = Words([0u8; ICMP_HLEN + QUOTE_LEN]);
+    icmp.0[ICMP_HLEN..].copy_from_slice(&quote);
+    icmp.0[0] = ICMP_DEST_UNREACH;
+    icmp.0[1] = ICMP_PORT_UNREACH;
+    let csum = checksum(&mut icmp, 0)?;
+    let [c0, c1] = csum.to_ne_bytes();
+    icmp.0[2] = c0;
+    icmp.0[3] = c1;
+    let ip = ip_header(pkt, IPPROTO_ICMP, (IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u16)?;
 
     let skb: *mut __sk_buff = ctx.skb.skb;
-    // Keep Ethernet + the quote, then grow the head so the quote lands right after the new headers.
+    // Keep only Ethernet + the quote, then grow the head: the quote lands after the new headers.
     // SAFETY: the context pointer is the program's own.
     let resized = unsafe {
         bpf_skb_change_tail(skb, (ETH_HLEN + QUOTE_LEN) as u32, 0) == 0
@@ -104,42 +128,71 @@ fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet, eth: &[u8; 12]) -> Resul
     if !resized {
         return Err(DropReason::RejectFailed);
     }
-    ctx.store(0, &b, 0).map_err(|_| DropReason::RejectFailed)
+    store_eth(ctx, eth)?;
+    ctx.store(IPV4_OFF, &ip.0, 0)
+        .map_err(|_| DropReason::RejectFailed)?;
+    ctx.store(IPV4_OFF + IP_HLEN, &icmp.0, 0)
+        .map_err(|_| DropReason::RejectFailed)
 }
 
-/// Writes Ethernet (addresses swapped) and a fresh IPv4 header from the service back to the client.
+/// Ethernet header with the addresses swapped: back to the sender.
 #[inline(always)]
-fn ip_header(b: &mut [u8], eth: &[u8; 12], pkt: &Packet, proto: u8, tot_len: u16) {
-    b[0..6].copy_from_slice(&eth[6..12]);
-    b[6..12].copy_from_slice(&eth[0..6]);
-    b[12] = 0x08;
-    b[13] = 0x00;
-    let ip = &mut b[IPV4_OFF..IPV4_OFF + IP_HLEN];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&tot_len.to_be_bytes());
-    ip[6] = 0x40;
-    ip[8] = 64;
-    ip[9] = proto;
-    ip[12..16].copy_from_slice(&pkt.daddr.to_ne_bytes());
-    ip[16..20].copy_from_slice(&pkt.saddr.to_ne_bytes());
-    let csum = fold(sum_words(0, ip));
-    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+fn store_eth(ctx: &TcContext, eth: &[u8; 12]) -> Result<(), DropReason> {
+    let mut out = [0u8; 14];
+    out[..6].copy_from_slice(&eth[6..12]);
+    out[6..12].copy_from_slice(&eth[..6]);
+    out[12] = 0x08;
+    ctx.store(0, &out, 0).map_err(|_| DropReason::RejectFailed)
 }
 
-/// One's-complement sum of big-endian 16-bit words (the slice length is even).
+/// A fresh IPv4 header from the service address back to the client.
 #[inline(always)]
-fn sum_words(mut sum: u32, bytes: &[u8]) -> u32 {
-    let mut i = 0;
-    while i + 1 < bytes.len() {
-        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
-        i += 2;
-    }
-    sum
+fn ip_header(pkt: &Packet, proto: u8, tot_len: u16) -> Result<Words<IP_HLEN>, DropReason> {
+    let mut ip = Words([0u8; IP_HLEN]);
+    let [l0, l1] = tot_len.to_be_bytes();
+    let [s0, s1, s2, s3] = pkt.daddr.to_ne_bytes();
+    let [d0, d1, d2, d3] = pkt.saddr.to_ne_bytes();
+    ip.0 = [
+        0x45, 0, l0, l1, 0, 0, 0x40, 0, 64, proto, 0, 0, s0, s1, s2, s3, d0, d1, d2, d3,
+    ];
+    let csum = checksum(&mut ip, 0)?;
+    let [c0, c1] = csum.to_ne_bytes();
+    ip.0[10] = c0;
+    ip.0[11] = c1;
+    Ok(ip)
 }
 
+/// The unfolded one's-complement sum of a buffer, to seed another sum.
 #[inline(always)]
-fn fold(sum: u32) -> u16 {
+fn checksum_seed<const N: usize>(buf: &mut Words<N>) -> Result<u32, DropReason> {
+    // SAFETY: `buf` is N readable bytes on the stack, N a multiple of 4 (aligned by `Words`).
+    let sum = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            buf.0.as_mut_ptr().cast(),
+            N as u32,
+            0,
+        )
+    };
+    u32::try_from(sum).map_err(|_| DropReason::RejectFailed)
+}
+
+/// The Internet checksum of a buffer plus a seed, ready to store as the buffer's bytes are laid out.
+#[inline(always)]
+fn checksum<const N: usize>(buf: &mut Words<N>, seed: u32) -> Result<u16, DropReason> {
+    // SAFETY: as in `checksum_seed`.
+    let sum = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            buf.0.as_mut_ptr().cast(),
+            N as u32,
+            seed,
+        )
+    };
+    let sum = u32::try_from(sum).map_err(|_| DropReason::RejectFailed)?;
     let sum = (sum & 0xffff) + (sum >> 16);
     let sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+    Ok(!(sum as u16))
 }

@@ -1,0 +1,196 @@
+//! What the lab builds, read from the same Kubernetes manifests the agents get: nodes (InternalIP,
+//! podCIDR), pods (nodeName, status.podIP, containerPorts) and services (for the matrix).
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use serde::Deserialize as _;
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeSpec {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub pod_cidr: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PodSpec {
+    /// `namespace/name`.
+    pub key: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub tcp: Vec<u16>,
+    pub udp: Vec<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServiceSpec {
+    pub key: String,
+    pub ip: Ipv4Addr,
+    /// (port, "tcp" | "udp")
+    pub ports: Vec<(u16, String)>,
+}
+
+/// The lab's view of a manifests directory, and the files themselves (name, content).
+#[derive(Debug, Default)]
+pub struct Cluster {
+    pub nodes: Vec<NodeSpec>,
+    pub pods: Vec<PodSpec>,
+    pub services: Vec<ServiceSpec>,
+    pub files: BTreeMap<String, Vec<u8>>,
+}
+
+fn is_manifest(name: &str) -> bool {
+    !name.starts_with('.') && [".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e))
+}
+
+/// Reads every manifest file of `dir`.
+///
+/// # Errors
+/// Unreadable files, or nodes/pods without what the lab needs to build them.
+pub fn read(dir: &Path) -> anyhow::Result<Cluster> {
+    let mut cluster = Cluster::default();
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.file_type()?.is_file() && is_manifest(&name) {
+            cluster.files.insert(name, std::fs::read(entry.path())?);
+        }
+    }
+    for (name, content) in &cluster.files {
+        for doc in serde_yaml::Deserializer::from_slice(content) {
+            // Malformed documents are the agents' business (they warn and skip); the lab only
+            // needs the nodes and pods it can read.
+            let Ok(value) = serde_yaml::Value::deserialize(doc) else {
+                break;
+            };
+            let kind = value
+                .get("kind")
+                .and_then(|k| k.as_str())
+                .unwrap_or_default();
+            match kind {
+                "Node" => {
+                    let node: Node = serde_yaml::from_value(value)
+                        .with_context(|| format!("{name}: Node is malformed"))?;
+                    cluster.nodes.push(node_spec(&node)?);
+                }
+                "Pod" => {
+                    if let Ok(pod) = serde_yaml::from_value::<Pod>(value)
+                        && let Some(spec) = pod_spec(&pod)
+                    {
+                        cluster.pods.push(spec);
+                    }
+                }
+                "Service" => {
+                    if let Ok(svc) = serde_yaml::from_value::<Service>(value)
+                        && let Some(spec) = service_spec(&svc)
+                    {
+                        cluster.services.push(spec);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if cluster.nodes.is_empty() {
+        bail!(
+            "{}: no Node objects; the lab builds its nodes from them",
+            dir.display()
+        );
+    }
+    cluster.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    cluster.pods.sort_by(|a, b| a.key.cmp(&b.key));
+    cluster.services.sort_by(|a, b| a.key.cmp(&b.key));
+    for pod in &cluster.pods {
+        if !cluster.nodes.iter().any(|n| n.name == pod.node) {
+            bail!(
+                "Pod {} is on node {:?}, which has no Node object",
+                pod.key,
+                pod.node
+            );
+        }
+    }
+    Ok(cluster)
+}
+
+fn node_spec(node: &Node) -> anyhow::Result<NodeSpec> {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let ip = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
+        .and_then(|a| a.address.parse().ok())
+        .with_context(|| format!("Node {name} has no IPv4 InternalIP"))?;
+    let pod_cidr = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.pod_cidr.clone())
+        .with_context(|| format!("Node {name} has no spec.podCIDR"))?;
+    Ok(NodeSpec { name, ip, pod_cidr })
+}
+
+fn pod_spec(pod: &Pod) -> Option<PodSpec> {
+    let spec = pod.spec.as_ref()?;
+    if spec.host_network == Some(true) {
+        return None;
+    }
+    let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let mut tcp = Vec::new();
+    let mut udp = Vec::new();
+    for port in spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+    {
+        let Ok(number) = u16::try_from(port.container_port) else {
+            continue;
+        };
+        match port.protocol.as_deref().unwrap_or("TCP") {
+            "UDP" => udp.push(number),
+            "TCP" => tcp.push(number),
+            _ => {}
+        }
+    }
+    tcp.sort_unstable();
+    tcp.dedup();
+    udp.sort_unstable();
+    udp.dedup();
+    Some(PodSpec {
+        key: format!("{ns}/{}", pod.metadata.name.as_deref()?),
+        node: spec.node_name.clone()?,
+        ip: pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?,
+        tcp,
+        udp,
+    })
+}
+
+fn service_spec(svc: &Service) -> Option<ServiceSpec> {
+    let spec = svc.spec.as_ref()?;
+    let ip = spec.cluster_ip.as_deref()?.parse().ok()?;
+    let ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            let proto = match p.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => "tcp",
+                "UDP" => "udp",
+                _ => return None,
+            };
+            Some((u16::try_from(p.port).ok()?, proto.to_owned()))
+        })
+        .collect();
+    Some(ServiceSpec {
+        key: format!(
+            "{}/{}",
+            svc.metadata.namespace.as_deref().unwrap_or("default"),
+            svc.metadata.name.as_deref()?
+        ),
+        ip,
+        ports,
+    })
+}

@@ -1,0 +1,462 @@
+//! The lab: a Kubernetes cluster modelled with network namespaces on this machine.
+//!
+//! ```text
+//!  external ns --+
+//!                |-- underlay ns (br0) --+-- node ns (eth0, agent) --lxc*== pod ns (eth0, server)
+//!                |                       +-- node ns (eth0, agent) --lxc*== pod ns ...
+//! ```
+//!
+//! No namespace is ever connected to the machine's own network: every veth is created directly
+//! between two lab namespaces. Names carry a per-run prefix (`<base>-<run id>-`); `down` (and `up`,
+//! before it starts) removes every namespace of the base, so a crashed lab is cleaned too.
+mod cluster;
+mod matrix;
+pub mod probe;
+mod serve;
+mod topology;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Subcommand;
+use serde::{Deserialize, Serialize};
+
+pub use cluster::{NodeSpec, PodSpec, ServiceSpec};
+pub use matrix::render as matrix_table;
+
+#[derive(Subcommand)]
+pub enum LabCmd {
+    /// Build the lab from a manifests directory and start one agent per node.
+    Up {
+        #[arg(long)]
+        manifests: PathBuf,
+        /// External hosts on the underlay, as NAME=IP.
+        #[arg(long = "external")]
+        externals: Vec<String>,
+    },
+    /// Replace the lab's objects with those of DIR; returns once every agent programmed them.
+    Apply { dir: PathBuf },
+    /// One probe (or --count probes): prints a JSON line per probe.
+    Probe(probe::ProbeArgs),
+    /// Reachability table: pods x (pods and services) x ports.
+    Matrix {
+        /// Per-probe timeout in milliseconds.
+        #[arg(long, default_value_t = 300)]
+        timeout_ms: u64,
+    },
+    /// Remove everything the lab created.
+    Down,
+    /// Print the lab's state (JSON).
+    Status,
+    /// (internal) The server each pod runs: HTTP on its TCP ports, echo on its UDP ports.
+    #[command(hide = true)]
+    Serve(serve::ServeArgs),
+}
+
+/// The lab's name: its state directory is `/run/<name>` and its namespaces start with `<name>-`.
+/// Tests use their own name so they never touch a lab someone is using.
+fn lab_name() -> String {
+    std::env::var("KPLAB_NAME").unwrap_or_else(|_| "kpl".to_owned())
+}
+
+fn home() -> PathBuf {
+    PathBuf::from("/run").join(lab_name())
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeState {
+    pub spec: NodeSpec,
+    pub netns: String,
+    pub agent_pid: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PodState {
+    pub spec: PodSpec,
+    pub netns: String,
+    pub host_if: String,
+    pub server_pid: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExternalState {
+    pub name: String,
+    pub ip: std::net::Ipv4Addr,
+    pub netns: String,
+}
+
+/// Everything `down` needs to undo, and `probe`/`matrix` need to find.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    pub prefix: String,
+    pub nodes: Vec<NodeState>,
+    pub pods: Vec<PodState>,
+    pub externals: Vec<ExternalState>,
+    pub services: Vec<ServiceSpec>,
+    pub generation: u64,
+}
+
+impl State {
+    fn path() -> PathBuf {
+        home().join("state.json")
+    }
+
+    /// Loads the running lab's state.
+    ///
+    /// # Errors
+    /// No lab is up.
+    pub fn load() -> anyhow::Result<State> {
+        let path = Self::path();
+        let bytes = std::fs::read(&path).with_context(|| {
+            format!(
+                "no lab is up ({} missing): run `lab up` first",
+                path.display()
+            )
+        })?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(home())?;
+        let tmp = home().join("state.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(tmp, Self::path())?;
+        Ok(())
+    }
+
+    /// The namespace a probe runs in: `ns/pod`, a node name, or an external host name.
+    ///
+    /// # Errors
+    /// Nothing of that name in the lab.
+    pub fn netns_of(&self, who: &str) -> anyhow::Result<&str> {
+        if let Some(p) = self.pods.iter().find(|p| p.spec.key == who) {
+            return Ok(&p.netns);
+        }
+        if let Some(n) = self.nodes.iter().find(|n| n.spec.name == who) {
+            return Ok(&n.netns);
+        }
+        if let Some(x) = self.externals.iter().find(|x| x.name == who) {
+            return Ok(&x.netns);
+        }
+        bail!("{who:?} is not a pod (ns/name), node or external host of the lab")
+    }
+}
+
+/// Dispatches a lab command.
+///
+/// # Errors
+/// The command failed; `up` and `apply` fail when the agents do not converge.
+pub fn main(cmd: LabCmd) -> anyhow::Result<()> {
+    match cmd {
+        LabCmd::Up {
+            manifests,
+            externals,
+        } => {
+            require_root()?;
+            crate::setup::ensure()?;
+            let agent = agent_binary()?;
+            up(&manifests, &externals, &agent)?;
+            Ok(())
+        }
+        LabCmd::Apply { dir } => {
+            require_root()?;
+            apply(&dir)
+        }
+        LabCmd::Probe(args) => probe::main(&args),
+        LabCmd::Matrix { timeout_ms } => matrix::main(Duration::from_millis(timeout_ms)),
+        LabCmd::Down => {
+            require_root()?;
+            down()
+        }
+        LabCmd::Status => {
+            println!("{}", serde_json::to_string_pretty(&State::load()?)?);
+            Ok(())
+        }
+        LabCmd::Serve(args) => serve::main(&args),
+    }
+}
+
+fn require_root() -> anyhow::Result<()> {
+    // SAFETY: plain syscall without arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the lab creates network namespaces: run it as root");
+    }
+    Ok(())
+}
+
+/// The agent binary: `KPLAB_AGENT`, or a freshly built release binary.
+fn agent_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var("KPLAB_AGENT") {
+        return Ok(PathBuf::from(path));
+    }
+    crate::build_agent()
+}
+
+fn run_id() -> String {
+    let mut bytes = [0u8; 3];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read as _;
+        let _ = f.read_exact(&mut bytes);
+    }
+    format!("{:02x}{:02x}{:02x}", bytes[0], bytes[1], bytes[2])
+}
+
+/// Builds the lab and starts the agents; returns once every agent programmed the manifests.
+///
+/// # Errors
+/// A namespace could not be built, or the agents did not converge.
+pub fn up(manifests: &Path, externals: &[String], agent: &Path) -> anyhow::Result<State> {
+    if State::path().exists() || !topology::lab_namespaces(&lab_name())?.is_empty() {
+        eprintln!("lab: removing a previous lab first");
+        down()?;
+    }
+    let cluster = cluster::read(manifests)?;
+    let mut state = State {
+        prefix: format!("{}-{}", lab_name(), run_id()),
+        services: cluster.services.clone(),
+        ..State::default()
+    };
+    std::fs::create_dir_all(home())?;
+    state.save()?;
+    let result = (|| {
+        topology::create_underlay(&state.prefix)?;
+        for spec in &cluster.nodes {
+            let netns = topology::create_node(&state.prefix, spec, &cluster.nodes)?;
+            state.nodes.push(NodeState {
+                spec: spec.clone(),
+                netns,
+                agent_pid: 0,
+            });
+            state.save()?;
+        }
+        for x in externals {
+            let (name, ip) = x
+                .split_once('=')
+                .with_context(|| format!("--external {x:?}: expected NAME=IP"))?;
+            let ip = ip
+                .parse()
+                .with_context(|| format!("--external {x:?}: bad IP"))?;
+            let netns = topology::create_external(&state.prefix, name, ip, &cluster.nodes)?;
+            state.externals.push(ExternalState {
+                name: name.to_owned(),
+                ip,
+                netns,
+            });
+            state.save()?;
+        }
+        for pod in &cluster.pods {
+            let p = add_pod(&state, pod)?;
+            state.pods.push(p);
+            state.save()?;
+        }
+        let fingerprint = publish(&mut state, &cluster.files)?;
+        for node in &mut state.nodes {
+            node.agent_pid = start_agent(node, agent)?;
+        }
+        state.save()?;
+        wait_programmed(&state, fingerprint)?;
+        anyhow::Ok(())
+    })();
+    if let Err(e) = result {
+        eprintln!("lab: up failed, tearing down: {e:#}");
+        down()?;
+        return Err(e);
+    }
+    eprintln!(
+        "lab: up: {} nodes, {} pods, {} external hosts; agents programmed generation {}",
+        state.nodes.len(),
+        state.pods.len(),
+        state.externals.len(),
+        state.generation
+    );
+    Ok(state)
+}
+
+fn add_pod(state: &State, pod: &PodSpec) -> anyhow::Result<PodState> {
+    let (netns, host_if) =
+        topology::create_pod(&state.prefix, pod, &node_netns(state, &pod.node)?)?;
+    let log = home().join(format!("pod-{}.log", pod.key.replace('/', ".")));
+    let mut args = vec![
+        "lab".to_owned(),
+        "serve".to_owned(),
+        "--pod".to_owned(),
+        pod.key.clone(),
+    ];
+    for p in &pod.tcp {
+        args.extend(["--tcp".to_owned(), p.to_string()]);
+    }
+    for p in &pod.udp {
+        args.extend(["--udp".to_owned(), p.to_string()]);
+    }
+    let server_pid = topology::spawn_in(&netns, &std::env::current_exe()?, &args, &log)?;
+    Ok(PodState {
+        spec: pod.clone(),
+        netns,
+        host_if,
+        server_pid,
+    })
+}
+
+fn node_netns(state: &State, node: &str) -> anyhow::Result<String> {
+    state
+        .nodes
+        .iter()
+        .find(|n| n.spec.name == node)
+        .map(|n| n.netns.clone())
+        .with_context(|| format!("node {node} is not in the lab"))
+}
+
+fn start_agent(node: &NodeState, agent: &Path) -> anyhow::Result<u32> {
+    let dir = home().join("nodes").join(&node.spec.name);
+    std::fs::create_dir_all(&dir)?;
+    let args = [
+        "run".to_owned(),
+        "--node-name".to_owned(),
+        node.spec.name.clone(),
+        "--manifests".to_owned(),
+        home().join("manifests").display().to_string(),
+        "--status-file".to_owned(),
+        dir.join("status.json").display().to_string(),
+    ];
+    topology::spawn_in(&node.netns, agent, &args, &dir.join("agent.log"))
+}
+
+/// Writes a new generation of the manifests and swaps it in atomically (symlink rename), so an
+/// agent reads either all of the old files or all of the new. Returns their fingerprint.
+fn publish(
+    state: &mut State,
+    files: &std::collections::BTreeMap<String, Vec<u8>>,
+) -> anyhow::Result<u64> {
+    state.generation += 1;
+    let gen_dir = home().join(format!("gen-{}", state.generation));
+    std::fs::create_dir_all(&gen_dir)?;
+    for (name, content) in files {
+        std::fs::write(gen_dir.join(name), content)?;
+    }
+    let link = home().join("manifests");
+    let tmp = home().join("manifests.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&gen_dir, &tmp)?;
+    std::fs::rename(&tmp, &link)?;
+    if state.generation > 1 {
+        let _ = std::fs::remove_dir_all(home().join(format!("gen-{}", state.generation - 1)));
+    }
+    Ok(dataplane_common::manifest_fingerprint(
+        files.iter().map(|(n, c)| (n.as_bytes(), c.as_slice())),
+    ))
+}
+
+/// Waits until every agent reports the fingerprint; fails early if an agent died.
+fn wait_programmed(state: &State, fingerprint: u64) -> anyhow::Result<()> {
+    let want = format!("{fingerprint:016x}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut pending: Vec<&NodeState> = state.nodes.iter().collect();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for node in pending {
+            let dir = home().join("nodes").join(&node.spec.name);
+            if !topology::alive(node.agent_pid) {
+                let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                bail!(
+                    "the agent of node {} exited; last log lines:\n{}",
+                    node.spec.name,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            let status: Option<serde_json::Value> = std::fs::read(dir.join("status.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let done = status
+                .as_ref()
+                .and_then(|s| s.get("fingerprint"))
+                .and_then(|f| f.as_str())
+                == Some(want.as_str());
+            if !done {
+                still.push(node);
+            }
+        }
+        pending = still;
+        if pending.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let names: Vec<&str> = pending.iter().map(|n| n.spec.name.as_str()).collect();
+            bail!("agents of {names:?} did not program the manifests within 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The status an agent last wrote (see `dataplane-agent run --status-file`).
+///
+/// # Errors
+/// The file is missing or not JSON.
+pub fn agent_status(node: &str) -> anyhow::Result<serde_json::Value> {
+    let path = home().join("nodes").join(node).join("status.json");
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+/// Replaces the lab's objects with DIR's: pods are added and removed, then every agent is given the
+/// new manifests; returns once all of them programmed it.
+///
+/// # Errors
+/// No lab, nodes changed, or the agents did not converge.
+pub fn apply(dir: &Path) -> anyhow::Result<()> {
+    let mut state = State::load()?;
+    let cluster = cluster::read(dir)?;
+    let nodes: Vec<&NodeSpec> = state.nodes.iter().map(|n| &n.spec).collect();
+    if nodes != cluster.nodes.iter().collect::<Vec<_>>() {
+        bail!(
+            "the Node objects changed; nodes are fixed for a lab's life: run `lab down` and `lab up`"
+        );
+    }
+    let (keep, gone): (Vec<PodState>, Vec<PodState>) = std::mem::take(&mut state.pods)
+        .into_iter()
+        .partition(|p| cluster.pods.contains(&p.spec));
+    state.pods = keep;
+    for pod in &gone {
+        topology::delete_pod(pod)?;
+    }
+    for pod in &cluster.pods {
+        if !state.pods.iter().any(|p| &p.spec == pod) {
+            let p = add_pod(&state, pod)?;
+            state.pods.push(p);
+        }
+    }
+    state.services = cluster.services.clone();
+    let fingerprint = publish(&mut state, &cluster.files)?;
+    state.save()?;
+    wait_programmed(&state, fingerprint)?;
+    eprintln!(
+        "lab: applied generation {} ({} pods removed or changed, {} pods now)",
+        state.generation,
+        gone.len(),
+        state.pods.len()
+    );
+    Ok(())
+}
+
+/// Stops every lab process and removes every lab namespace and file, state or no state.
+///
+/// # Errors
+/// A namespace could not be removed.
+pub fn down() -> anyhow::Result<()> {
+    if let Ok(state) = State::load() {
+        let pids = state
+            .nodes
+            .iter()
+            .map(|n| n.agent_pid)
+            .chain(state.pods.iter().map(|p| p.server_pid));
+        topology::stop(pids);
+    }
+    let removed = topology::remove_namespaces(&lab_name())?;
+    if home().exists() {
+        std::fs::remove_dir_all(home())?;
+    }
+    eprintln!("lab: down ({removed} namespaces removed)");
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! The server every lab pod runs: on each TCP containerPort enough HTTP/1.1 for curl, on each UDP
+//! containerPort an echo; both answer with the pod's namespace/name and the client address seen.
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// The pod, as namespace/name.
+    #[arg(long)]
+    pod: String,
+    #[arg(long)]
+    tcp: Vec<u16>,
+    #[arg(long)]
+    udp: Vec<u16>,
+}
+
+/// The reply body: which pod answered, and whom it saw.
+pub fn answer(pod: &str, client: SocketAddr, port: u16, proto: &str) -> String {
+    serde_json::json!({ "pod": pod, "client": client.to_string(), "port": port, "proto": proto })
+        .to_string()
+}
+
+fn handle_http(mut stream: TcpStream, pod: &str, port: u16) {
+    let Ok(peer) = stream.peer_addr() else {
+        return;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    let body = answer(pod, peer, port, "tcp") + "\n";
+    let reply = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(reply.as_bytes());
+}
+
+/// Serves until killed.
+///
+/// # Errors
+/// A port could not be bound.
+pub fn main(args: &ServeArgs) -> anyhow::Result<()> {
+    let mut threads = Vec::new();
+    for &port in &args.tcp {
+        let listener = TcpListener::bind(("0.0.0.0", port))
+            .with_context(|| format!("binding TCP port {port}"))?;
+        let pod = args.pod.clone();
+        threads.push(std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let pod = pod.clone();
+                std::thread::spawn(move || handle_http(stream, &pod, port));
+            }
+        }));
+    }
+    for &port in &args.udp {
+        let socket = UdpSocket::bind(("0.0.0.0", port))
+            .with_context(|| format!("binding UDP port {port}"))?;
+        let pod = args.pod.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(answer(&pod, peer, port, "udp").as_bytes(), peer);
+            }
+        }));
+    }
+    eprintln!(
+        "serving {} on tcp {:?} udp {:?}",
+        args.pod, args.tcp, args.udp
+    );
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}

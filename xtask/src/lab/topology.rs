@@ -1,0 +1,360 @@
+//! Namespaces, veths, routes and processes of the lab. Every veth is created from inside a lab
+//! namespace with its peer in another lab namespace; nothing touches the machine's own namespace.
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use super::{NodeSpec, PodSpec, PodState};
+
+/// The pods' default gateway, answered by a static neighbour entry (as Calico does).
+const POD_GATEWAY: &str = "169.254.1.1";
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn in_ns(netns: &str, program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, program])
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program} in {netns}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} in {netns}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Short, stable interface-name suffix (interface names are limited to 15 bytes).
+fn short_hash(s: &str) -> String {
+    let h = dataplane_common::manifest_fingerprint([(s.as_bytes(), &[][..])]);
+    format!("{:08x}", h as u32)
+}
+
+fn mac(kind: u8, s: &str) -> String {
+    let h = dataplane_common::manifest_fingerprint([(s.as_bytes(), &[][..])]).to_be_bytes();
+    format!(
+        "02:{kind:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        h[0], h[1], h[2], h[3]
+    )
+}
+
+fn new_netns(netns: &str) -> anyhow::Result<()> {
+    ip(&["netns", "add", netns])?;
+    ip(&["-n", netns, "link", "set", "lo", "up"])?;
+    in_ns(
+        netns,
+        "sysctl",
+        &[
+            "-qw",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+            "net.ipv4.conf.all.send_redirects=0",
+            "net.ipv4.conf.default.send_redirects=0",
+        ],
+    )
+}
+
+/// Turns TX checksum offload off, so every checksum on the wire is a real one and a datapath
+/// checksum bug shows up as a receive error instead of being papered over.
+fn tx_csum_off(netns: &str, iface: &str) -> anyhow::Result<()> {
+    in_ns(netns, "ethtool", &["-K", iface, "tx", "off"])
+}
+
+fn underlay(prefix: &str) -> String {
+    format!("{prefix}-ul")
+}
+
+/// The underlay: one namespace with a bridge that nodes and external hosts plug into.
+pub fn create_underlay(prefix: &str) -> anyhow::Result<()> {
+    let ul = underlay(prefix);
+    new_netns(&ul)?;
+    ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
+    ip(&["-n", &ul, "link", "set", "br0", "up"])
+}
+
+/// A host on the underlay (a node or an external host): eth0 with its address, routes to nodes.
+fn create_host(
+    prefix: &str,
+    netns: &str,
+    addr: Ipv4Addr,
+    nodes: &[NodeSpec],
+) -> anyhow::Result<()> {
+    let ul = underlay(prefix);
+    let ul_if = format!("u{}", short_hash(netns));
+    new_netns(netns)?;
+    ip(&[
+        "-n", netns, "link", "add", "eth0", "type", "veth", "peer", "name", &ul_if, "netns", &ul,
+    ])?;
+    ip(&["-n", &ul, "link", "set", &ul_if, "master", "br0", "up"])?;
+    ip(&[
+        "-n",
+        netns,
+        "addr",
+        "add",
+        &format!("{addr}/32"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", netns, "link", "set", "eth0", "up"])?;
+    tx_csum_off(netns, "eth0")?;
+    tx_csum_off(&ul, &ul_if)?;
+    for node in nodes.iter().filter(|n| n.ip != addr) {
+        ip(&[
+            "-n",
+            netns,
+            "route",
+            "add",
+            &format!("{}/32", node.ip),
+            "dev",
+            "eth0",
+        ])?;
+    }
+    Ok(())
+}
+
+/// A node: a host that forwards, with routes to the other nodes' pod CIDRs.
+pub fn create_node(prefix: &str, spec: &NodeSpec, nodes: &[NodeSpec]) -> anyhow::Result<String> {
+    let netns = format!("{prefix}-n-{}", spec.name);
+    create_host(prefix, &netns, spec.ip, nodes)?;
+    in_ns(&netns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    for other in nodes.iter().filter(|n| n.name != spec.name) {
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            &other.pod_cidr,
+            "via",
+            &other.ip.to_string(),
+            "dev",
+            "eth0",
+        ])?;
+    }
+    Ok(netns)
+}
+
+/// An external host on the underlay (outside the cluster).
+pub fn create_external(
+    prefix: &str,
+    name: &str,
+    addr: Ipv4Addr,
+    nodes: &[NodeSpec],
+) -> anyhow::Result<String> {
+    let netns = format!("{prefix}-x-{name}");
+    create_host(prefix, &netns, addr, nodes)?;
+    Ok(netns)
+}
+
+/// A pod: its own namespace, a veth to its node (host side `lxc<hash>`), a /32 route on the node.
+pub fn create_pod(
+    prefix: &str,
+    pod: &PodSpec,
+    node_netns: &str,
+) -> anyhow::Result<(String, String)> {
+    let netns = format!("{prefix}-p-{}", pod.key.replace('/', "."));
+    let host_if = format!("lxc{}", short_hash(&netns));
+    let host_mac = mac(0, &netns);
+    let pod_mac = mac(1, &netns);
+    let addr = pod.ip.to_string();
+    new_netns(&netns)?;
+    ip(&[
+        "-n", node_netns, "link", "add", &host_if, "address", &host_mac, "type", "veth", "peer",
+        "name", "eth0", "address", &pod_mac, "netns", &netns,
+    ])?;
+    ip(&[
+        "-n",
+        &netns,
+        "addr",
+        "add",
+        &format!("{addr}/32"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        &netns,
+        "route",
+        "add",
+        POD_GATEWAY,
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ])?;
+    ip(&[
+        "-n",
+        &netns,
+        "route",
+        "add",
+        "default",
+        "via",
+        POD_GATEWAY,
+        "dev",
+        "eth0",
+    ])?;
+    ip(&[
+        "-n",
+        &netns,
+        "neigh",
+        "replace",
+        POD_GATEWAY,
+        "lladdr",
+        &host_mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ])?;
+    ip(&["-n", node_netns, "link", "set", &host_if, "up"])?;
+    ip(&[
+        "-n",
+        node_netns,
+        "route",
+        "add",
+        &format!("{addr}/32"),
+        "dev",
+        &host_if,
+    ])?;
+    ip(&[
+        "-n",
+        node_netns,
+        "neigh",
+        "replace",
+        &addr,
+        "lladdr",
+        &pod_mac,
+        "dev",
+        &host_if,
+        "nud",
+        "permanent",
+    ])?;
+    tx_csum_off(&netns, "eth0")?;
+    tx_csum_off(node_netns, &host_if)?;
+    Ok((netns, host_if))
+}
+
+/// Stops a pod's server and removes its namespace (its veth goes with it).
+pub fn delete_pod(pod: &PodState) -> anyhow::Result<()> {
+    stop([pod.server_pid]);
+    kill_netns_processes(&pod.netns);
+    ip(&["netns", "del", &pod.netns])
+}
+
+/// Starts a long-running process inside a namespace, detached from this one (own session), with
+/// its output in `log`. Returns its pid.
+pub fn spawn_in(netns: &str, program: &Path, args: &[String], log: &Path) -> anyhow::Result<u32> {
+    let out = std::fs::File::create(log)?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns])
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {} in {netns}", program.display()))?;
+    Ok(child.id())
+}
+
+/// Whether a process still runs (reaping it if it is our exited child).
+pub fn alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    let mut status = 0;
+    // SAFETY: plain syscalls on a pid; waitpid only reaps our own children.
+    unsafe {
+        if libc::waitpid(pid, &raw mut status, libc::WNOHANG) == pid {
+            return false;
+        }
+        libc::kill(pid, 0) == 0
+    }
+}
+
+/// SIGTERM, then SIGKILL after 3 s for what still runs.
+pub fn stop(pids: impl IntoIterator<Item = u32>) {
+    let pids: Vec<u32> = pids.into_iter().filter(|p| alive(*p)).collect();
+    for pid in &pids {
+        // SAFETY: signalling a pid the lab started.
+        unsafe { libc::kill(*pid as i32, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for pid in pids.iter().filter(|p| alive(**p)) {
+        // SAFETY: as above.
+        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+    }
+}
+
+fn kill_netns_processes(netns: &str) {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", netns]).output() else {
+        return;
+    };
+    let pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    stop(pids);
+}
+
+/// The namespaces of every lab with this base name (any run).
+pub fn lab_namespaces(base: &str) -> anyhow::Result<Vec<String>> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .context("running ip netns list")?;
+    let prefix = format!("{base}-");
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Stops the processes in, and deletes, every namespace of the base. Returns how many.
+pub fn remove_namespaces(base: &str) -> anyhow::Result<usize> {
+    let all = lab_namespaces(base)?;
+    for ns in &all {
+        kill_netns_processes(ns);
+    }
+    for ns in &all {
+        ip(&["netns", "del", ns])?;
+    }
+    Ok(all.len())
+}
