@@ -69,3 +69,33 @@ pub fn ifindex(name: &str) -> Option<u32> {
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
     (idx != 0).then_some(idx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_routes_to_local_pods_name_their_interfaces() {
+        let text = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                    eth0\t020012AC\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n\
+                    lxc1\t0A01F40A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n\
+                    eth0\t0002F40A\t030012AC\t0003\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        let routes = parse_routes(text);
+        assert_eq!(
+            routes[1],
+            Route {
+                iface: "lxc1".into(),
+                dest: Ipv4Addr::new(10, 244, 1, 10),
+                prefix_len: 32
+            }
+        );
+        assert_eq!(routes[2].prefix_len, 24);
+        let pods = [Ipv4Addr::new(10, 244, 1, 10), Ipv4Addr::new(10, 244, 2, 0)].into();
+        let found = pod_interfaces(&routes, &pods);
+        assert_eq!(
+            found.keys().collect::<Vec<_>>(),
+            ["lxc1"],
+            "a /24 route is not a pod's"
+        );
+    }
+}

@@ -7,4 +7,6 @@ pub mod interfaces;
 pub mod manifests;
 pub mod model;
 pub mod program;
+#[cfg(test)]
+pub mod testutil;
 pub mod translate;

@@ -282,3 +282,142 @@ fn to_object(index: usize, value: serde_yaml::Value) -> Option<Result<Object, Ba
         key: Some(key),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n";
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: ns}\nspec: {nodeName: a, containers: []}\n";
+    const DEPLOY: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n";
+
+    fn keys(scan: &Scan) -> Vec<String> {
+        scan.events
+            .iter()
+            .map(|e| match e {
+                Event::Apply(o) => format!("apply {}", o.key()),
+                Event::Delete(k) => format!("delete {k}"),
+            })
+            .collect()
+    }
+
+    fn write(dir: &Path, name: &str, content: &str) {
+        // Rewrite through a new file, so the stamp (mtime, size, path) always changes.
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(tmp, dir.join(name)).unwrap();
+    }
+
+    #[test]
+    fn multi_document_files_and_unknown_kinds() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "a.yaml",
+            &format!("{SVC}---\n{POD}---\n{DEPLOY}---\n"),
+        );
+        write(dir.path(), "notes.txt", "not a manifest");
+        let mut src = ManifestSource::new(dir.path().to_owned());
+        let scan = src.scan().unwrap().unwrap();
+        assert_eq!(keys(&scan), ["apply Service ns/web", "apply Pod ns/p"]);
+        assert!(scan.warnings.is_empty());
+        let content = std::fs::read(dir.path().join("a.yaml")).unwrap();
+        assert_eq!(
+            scan.fingerprint,
+            dataplane_common::manifest_fingerprint([(&b"a.yaml"[..], content.as_slice())])
+        );
+        assert!(src.scan().unwrap().is_none(), "nothing changed");
+    }
+
+    #[test]
+    fn only_changed_objects_become_events() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", &format!("{SVC}---\n{POD}"));
+        let mut src = ManifestSource::new(dir.path().to_owned());
+        src.scan().unwrap();
+        write(
+            dir.path(),
+            "a.yaml",
+            &format!("{}---\n{POD}", SVC.replace("port: 80", "port: 81")),
+        );
+        assert_eq!(
+            keys(&src.scan().unwrap().unwrap()),
+            ["apply Service ns/web"]
+        );
+        write(dir.path(), "a.yaml", POD);
+        assert_eq!(
+            keys(&src.scan().unwrap().unwrap()),
+            ["delete Service ns/web"]
+        );
+        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        assert_eq!(keys(&src.scan().unwrap().unwrap()), ["delete Pod ns/p"]);
+    }
+
+    #[test]
+    fn a_malformed_object_is_skipped_by_name_and_its_previous_version_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", &format!("{SVC}---\n{POD}"));
+        let mut src = ManifestSource::new(dir.path().to_owned());
+        src.scan().unwrap();
+        let broken = SVC.replace("ports: [{port: 80}]", "ports: banana");
+        write(dir.path(), "a.yaml", &format!("{broken}---\n{POD}"));
+        let scan = src.scan().unwrap().unwrap();
+        assert!(
+            scan.events.is_empty(),
+            "no delete for the kept object: {:?}",
+            keys(&scan)
+        );
+        assert_eq!(scan.warnings.len(), 1);
+        assert!(scan.warnings[0].contains("a.yaml") && scan.warnings[0].contains("Service ns/web"));
+        // Fixed again: the fix applies.
+        write(
+            dir.path(),
+            "a.yaml",
+            &format!("{}---\n{POD}", SVC.replace("port: 80", "port: 82")),
+        );
+        assert_eq!(
+            keys(&src.scan().unwrap().unwrap()),
+            ["apply Service ns/web"]
+        );
+    }
+
+    #[test]
+    fn invalid_yaml_and_nameless_objects_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "bad.yaml", "kind: [unclosed\n");
+        write(
+            dir.path(),
+            "nameless.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {}\n",
+        );
+        write(dir.path(), "good.yaml", POD);
+        let mut src = ManifestSource::new(dir.path().to_owned());
+        let scan = src.scan().unwrap().unwrap();
+        assert_eq!(keys(&scan), ["apply Pod ns/p"]);
+        assert!(
+            scan.warnings
+                .iter()
+                .any(|w| w.starts_with("bad.yaml") && w.contains("not valid YAML"))
+        );
+        assert!(
+            scan.warnings
+                .iter()
+                .any(|w| w.starts_with("nameless.yaml") && w.contains("metadata.name"))
+        );
+    }
+
+    #[test]
+    fn the_same_object_in_two_files_stays_with_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", POD);
+        write(dir.path(), "b.yaml", POD);
+        let mut src = ManifestSource::new(dir.path().to_owned());
+        let scan = src.scan().unwrap().unwrap();
+        assert_eq!(keys(&scan), ["apply Pod ns/p"]);
+        assert!(
+            scan.warnings
+                .iter()
+                .any(|w| w.contains("b.yaml") && w.contains("already defined in a.yaml"))
+        );
+    }
+}

@@ -259,3 +259,64 @@ impl Index {
         ])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::testutil::{ready, service, slice};
+
+    fn svc(name: &str) -> NsName {
+        NsName {
+            namespace: "ns".to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    #[test]
+    fn slices_join_their_service_by_label_and_dirty_it() {
+        let mut index = Index::default();
+        let d = index.apply(Object::Service(service(
+            "ns",
+            "web",
+            "10.96.0.10",
+            &[("", 80, "TCP", json!(80))],
+        )));
+        assert_eq!(d.services, [svc("web")].into());
+        let d = index.apply(Object::EndpointSlice(slice(
+            "ns",
+            "web-a",
+            "web",
+            &[],
+            &[ready("10.0.0.1")],
+        )));
+        assert_eq!(d.services, [svc("web")].into());
+        index.apply(Object::EndpointSlice(slice("ns", "web-b", "web", &[], &[])));
+        assert_eq!(index.slices_of(&svc("web")).len(), 2);
+        // Another namespace's slice with the same label does not join.
+        index.apply(Object::EndpointSlice(slice(
+            "other",
+            "web-c",
+            "web",
+            &[],
+            &[],
+        )));
+        assert_eq!(index.slices_of(&svc("web")).len(), 2);
+    }
+
+    #[test]
+    fn relabelling_a_slice_dirties_both_services() {
+        let mut index = Index::default();
+        index.apply(Object::EndpointSlice(slice("ns", "x", "a", &[], &[])));
+        let d = index.apply(Object::EndpointSlice(slice("ns", "x", "b", &[], &[])));
+        assert_eq!(d.services, [svc("a"), svc("b")].into());
+        assert!(index.slices_of(&svc("a")).is_empty());
+        let d = index.delete(&ObjectKey {
+            kind: Kind::EndpointSlice,
+            namespace: "ns".into(),
+            name: "x".into(),
+        });
+        assert_eq!(d.services, [svc("b")].into());
+    }
+}

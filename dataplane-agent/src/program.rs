@@ -308,3 +308,200 @@ fn entries(frontend: Frontend, rev_nat_id: u16, backend_ids: &[u32], state: &mut
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::{Object, ObjectKey};
+    use crate::testutil::{ready, service, slice};
+
+    fn ns(name: &str) -> NsName {
+        NsName {
+            namespace: "ns".to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// The maps read back as frontend -> backend addresses, following ids like the datapath.
+    fn resolve(s: &MapState) -> BTreeMap<(u32, u16), BTreeSet<(u32, u16)>> {
+        let mut out = BTreeMap::new();
+        for (k, h) in s.services.iter().filter(|(k, _)| k.slot == 0) {
+            let backends = (1..=h.count)
+                .map(|slot| {
+                    let id = s.services[&ServiceKey { slot, ..*k }].backend_id;
+                    let b = s.backends[&id];
+                    (b.addr, b.port)
+                })
+                .collect();
+            out.insert((k.addr, k.port), backends);
+        }
+        out
+    }
+
+    fn sync_all(p: &mut Programmer, index: &Index, maps: &mut MapState) {
+        let names: Vec<NsName> = index.services.keys().cloned().collect();
+        for n in names {
+            p.sync_service(index, &n, maps);
+        }
+    }
+
+    #[test]
+    fn an_endpoint_change_rewrites_only_what_changed() {
+        let mut index = Index::default();
+        index.apply(Object::Service(service(
+            "ns",
+            "web",
+            "10.96.0.10",
+            &[("", 80, "TCP", json!(8080))],
+        )));
+        index.apply(Object::EndpointSlice(slice(
+            "ns",
+            "web-a",
+            "web",
+            &[("", 8080, "TCP")],
+            &[ready("10.0.0.1"), ready("10.0.0.2")],
+        )));
+        let mut p = Programmer::default();
+        let mut maps = MapState::default();
+        let first = p.sync_service(&index, &ns("web"), &mut maps);
+        assert_eq!(first.ops, 2 + 3, "two backends, header and two slots");
+
+        index.apply(Object::EndpointSlice(slice(
+            "ns",
+            "web-a",
+            "web",
+            &[("", 8080, "TCP")],
+            &[ready("10.0.0.1"), ready("10.0.0.2"), ready("10.0.0.3")],
+        )));
+        let second = p.sync_service(&index, &ns("web"), &mut maps);
+        assert_eq!(second.ops, 3, "one backend, one slot, the header");
+        assert_eq!(maps.backends.len(), 3);
+    }
+
+    #[test]
+    fn deleting_a_service_removes_everything_it_wrote() {
+        let mut index = Index::default();
+        index.apply(Object::Service(service(
+            "ns",
+            "web",
+            "10.96.0.10",
+            &[("", 80, "TCP", json!(8080))],
+        )));
+        index.apply(Object::EndpointSlice(slice(
+            "ns",
+            "web-a",
+            "web",
+            &[("", 8080, "TCP")],
+            &[ready("10.0.0.1")],
+        )));
+        let mut p = Programmer::default();
+        let mut maps = MapState::default();
+        p.sync_service(&index, &ns("web"), &mut maps);
+        index.delete(&ObjectKey {
+            kind: crate::model::Kind::Service,
+            namespace: "ns".into(),
+            name: "web".into(),
+        });
+        p.sync_service(&index, &ns("web"), &mut maps);
+        assert_eq!(maps, MapState::default());
+        assert_eq!(p.sizes(), (0, 0));
+    }
+
+    #[test]
+    fn a_malformed_update_keeps_what_was_programmed() {
+        let mut index = Index::default();
+        index.apply(Object::Service(service(
+            "ns",
+            "web",
+            "10.96.0.10",
+            &[("", 80, "TCP", json!(8080))],
+        )));
+        let mut p = Programmer::default();
+        let mut maps = MapState::default();
+        p.sync_service(&index, &ns("web"), &mut maps);
+        let before = maps.clone();
+        index.apply(Object::Service(service(
+            "ns",
+            "web",
+            "banana",
+            &[("", 80, "TCP", json!(8080))],
+        )));
+        let report = p.sync_service(&index, &ns("web"), &mut maps);
+        assert_eq!(maps, before);
+        assert!(
+            report
+                .warnings
+                .iter()
+                .any(|w| w.contains("ns/web") && w.contains("banana"))
+        );
+    }
+
+    #[test]
+    fn a_frontend_claimed_twice_stays_with_its_first_service() {
+        let mut index = Index::default();
+        index.apply(Object::Service(service(
+            "ns",
+            "a",
+            "10.96.0.10",
+            &[("", 80, "TCP", json!(1))],
+        )));
+        index.apply(Object::Service(service(
+            "ns",
+            "b",
+            "10.96.0.10",
+            &[("", 80, "TCP", json!(2))],
+        )));
+        let mut p = Programmer::default();
+        let mut maps = MapState::default();
+        p.sync_service(&index, &ns("a"), &mut maps);
+        let report = p.sync_service(&index, &ns("b"), &mut maps);
+        assert!(
+            report
+                .warnings
+                .iter()
+                .any(|w| w.contains("already served by Service ns/a"))
+        );
+        assert_eq!(maps.services.len(), 1);
+    }
+
+    const POOL: [&str; 5] = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"];
+
+    proptest! {
+        /// Incremental syncs after each change end where a fresh full sync of the final objects
+        /// ends, and never leave an unused backend behind.
+        #[test]
+        fn incremental_equals_full(steps in prop::collection::vec((0usize..3, prop::collection::vec(any::<bool>(), 5), any::<bool>()), 1..12)) {
+            let mut index = Index::default();
+            let mut p = Programmer::default();
+            let mut maps = MapState::default();
+            for (svc, members, present) in steps {
+                let name = format!("s{svc}");
+                let key = |kind| ObjectKey { kind, namespace: "ns".into(), name: name.clone() };
+                let dirty = if present {
+                    let ip = format!("10.96.0.{}", svc + 1);
+                    let eps: Vec<_> = POOL.iter().zip(&members).filter(|(_, m)| **m).map(|(a, _)| ready(a)).collect();
+                    let mut d = index.apply(Object::Service(service("ns", &name, &ip, &[("", 80, "TCP", json!(8080))])));
+                    d.merge(index.apply(Object::EndpointSlice(slice("ns", &name, &name, &[("", 8080, "TCP")], &eps))));
+                    d
+                } else {
+                    let mut d = index.delete(&key(crate::model::Kind::Service));
+                    d.merge(index.delete(&key(crate::model::Kind::EndpointSlice)));
+                    d
+                };
+                for s in &dirty.services {
+                    p.sync_service(&index, s, &mut maps);
+                }
+            }
+            let mut fresh_maps = MapState::default();
+            sync_all(&mut Programmer::default(), &index, &mut fresh_maps);
+            prop_assert_eq!(resolve(&maps), resolve(&fresh_maps));
+            let used: BTreeSet<u32> = maps.services.iter().filter(|(k, _)| k.slot > 0).map(|(_, v)| v.backend_id).collect();
+            prop_assert_eq!(used, maps.backends.keys().copied().collect::<BTreeSet<u32>>());
+        }
+    }
+}

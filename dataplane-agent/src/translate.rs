@@ -255,3 +255,244 @@ fn select_backends(
     chosen.dedup();
     chosen
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::testutil::{ready, service, slice};
+
+    fn backends(t: &Translation, port: u16, proto: Proto) -> Vec<String> {
+        t.frontends
+            .iter()
+            .find(|f| f.frontend.port == port && f.frontend.proto == proto)
+            .expect("frontend")
+            .backends
+            .iter()
+            .map(|b| format!("{}:{}", b.addr, b.port))
+            .collect()
+    }
+
+    #[test]
+    fn only_ready_endpoints_serve_and_unset_counts_as_ready() {
+        let svc = service(
+            "ns",
+            "web",
+            "10.96.0.10",
+            &[("http", 80, "TCP", json!(8080))],
+        );
+        let s = slice(
+            "ns",
+            "web-1",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[
+                ready("10.0.0.1"),
+                ("10.0.0.2", Some(true), None, None),
+                ("10.0.0.3", Some(false), None, None),
+                ("10.0.0.4", Some(false), Some(true), Some(true)),
+            ],
+        );
+        let t = translate_service(&svc, &[&s]).unwrap();
+        assert_eq!(
+            backends(&t, 80, Proto::Tcp),
+            ["10.0.0.1:8080", "10.0.0.2:8080"]
+        );
+    }
+
+    #[test]
+    fn serving_terminating_endpoints_serve_only_when_none_is_ready() {
+        let svc = service(
+            "ns",
+            "web",
+            "10.96.0.10",
+            &[("http", 80, "TCP", json!(8080))],
+        );
+        let s = slice(
+            "ns",
+            "web-1",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[
+                ("10.0.0.3", Some(false), Some(false), Some(true)),
+                ("10.0.0.4", Some(false), Some(true), Some(true)),
+                ("10.0.0.5", Some(false), Some(true), Some(false)),
+            ],
+        );
+        let t = translate_service(&svc, &[&s]).unwrap();
+        assert_eq!(backends(&t, 80, Proto::Tcp), ["10.0.0.4:8080"]);
+    }
+
+    #[test]
+    fn no_ready_endpoint_gives_an_empty_frontend_that_rejects() {
+        let svc = service(
+            "ns",
+            "web",
+            "10.96.0.10",
+            &[("http", 80, "TCP", json!(8080))],
+        );
+        let t = translate_service(&svc, &[]).unwrap();
+        assert_eq!(t.frontends.len(), 1);
+        assert!(t.frontends[0].backends.is_empty());
+    }
+
+    #[test]
+    fn named_target_ports_resolve_through_the_slice_ports_per_protocol() {
+        let svc = service(
+            "ns",
+            "dns",
+            "10.96.0.53",
+            &[
+                ("dns", 53, "UDP", json!("dns")),
+                ("dns-tcp", 53, "TCP", json!("dns-tcp")),
+            ],
+        );
+        let a = slice(
+            "ns",
+            "dns-a",
+            "dns",
+            &[("dns", 5353, "UDP"), ("dns-tcp", 5354, "TCP")],
+            &[ready("10.0.0.1")],
+        );
+        let b = slice(
+            "ns",
+            "dns-b",
+            "dns",
+            &[("dns", 6363, "UDP"), ("dns-tcp", 6364, "TCP")],
+            &[ready("10.0.0.2")],
+        );
+        let t = translate_service(&svc, &[&a, &b]).unwrap();
+        assert_eq!(
+            backends(&t, 53, Proto::Udp),
+            ["10.0.0.1:5353", "10.0.0.2:6363"]
+        );
+        assert_eq!(
+            backends(&t, 53, Proto::Tcp),
+            ["10.0.0.1:5354", "10.0.0.2:6364"]
+        );
+    }
+
+    #[test]
+    fn a_slice_port_with_another_name_or_protocol_does_not_serve() {
+        let svc = service(
+            "ns",
+            "web",
+            "10.96.0.10",
+            &[("http", 80, "TCP", json!("http"))],
+        );
+        let wrong_name = slice(
+            "ns",
+            "a",
+            "web",
+            &[("metrics", 9090, "TCP")],
+            &[ready("10.0.0.1")],
+        );
+        let wrong_proto = slice(
+            "ns",
+            "b",
+            "web",
+            &[("http", 8080, "UDP")],
+            &[ready("10.0.0.2")],
+        );
+        let t = translate_service(&svc, &[&wrong_name, &wrong_proto]).unwrap();
+        assert!(backends(&t, 80, Proto::Tcp).is_empty());
+    }
+
+    #[test]
+    fn duplicate_endpoints_across_slices_count_once() {
+        let svc = service("ns", "web", "10.96.0.10", &[("", 80, "TCP", json!(8080))]);
+        let a = slice("ns", "a", "web", &[("", 8080, "TCP")], &[ready("10.0.0.1")]);
+        let b = slice(
+            "ns",
+            "b",
+            "web",
+            &[("", 8080, "TCP")],
+            &[ready("10.0.0.1"), ready("10.0.0.9")],
+        );
+        let t = translate_service(&svc, &[&a, &b]).unwrap();
+        assert_eq!(
+            backends(&t, 80, Proto::Tcp),
+            ["10.0.0.1:8080", "10.0.0.9:8080"]
+        );
+    }
+
+    #[test]
+    fn headless_external_name_and_foreign_proxy_services_are_not_proxied() {
+        let mut headless = service("ns", "h", "None", &[("", 80, "TCP", json!(80))]);
+        assert!(
+            translate_service(&headless, &[])
+                .unwrap()
+                .frontends
+                .is_empty()
+        );
+        headless.spec.as_mut().unwrap().cluster_ips = None;
+        assert!(
+            translate_service(&headless, &[])
+                .unwrap()
+                .frontends
+                .is_empty()
+        );
+
+        let mut external = service("ns", "e", "10.96.0.11", &[("", 80, "TCP", json!(80))]);
+        external.spec.as_mut().unwrap().type_ = Some("ExternalName".to_owned());
+        assert!(!is_proxied(&external));
+        assert!(
+            translate_service(&external, &[])
+                .unwrap()
+                .frontends
+                .is_empty()
+        );
+
+        let mut foreign = service("ns", "f", "10.96.0.12", &[("", 80, "TCP", json!(80))]);
+        foreign.metadata.labels =
+            Some([(SERVICE_PROXY_NAME_LABEL.to_owned(), "other".to_owned())].into());
+        assert!(
+            translate_service(&foreign, &[])
+                .unwrap()
+                .frontends
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn sctp_ports_are_skipped_with_a_warning_and_ipv6_slices_ignored() {
+        let svc = service(
+            "ns",
+            "m",
+            "10.96.0.13",
+            &[("s", 9, "SCTP", json!(9)), ("t", 80, "TCP", json!(80))],
+        );
+        let mut v6 = slice("ns", "v6", "m", &[("t", 80, "TCP")], &[ready("fd00::1")]);
+        v6.address_type = "IPv6".to_owned();
+        let t = translate_service(&svc, &[&v6]).unwrap();
+        assert_eq!(t.frontends.len(), 1);
+        assert!(t.frontends[0].backends.is_empty());
+        assert!(t.warnings.iter().any(|w| w.contains("SCTP")));
+    }
+
+    #[test]
+    fn invalid_addresses_and_ports_are_errors_or_warnings() {
+        let bad_ip = service("ns", "b", "10.96.0.300", &[("", 80, "TCP", json!(80))]);
+        assert_eq!(
+            translate_service(&bad_ip, &[]),
+            Err(TranslateError::InvalidClusterIp("10.96.0.300".to_owned()))
+        );
+        let bad_port = service("ns", "b", "10.96.0.14", &[("", 70000, "TCP", json!(80))]);
+        assert_eq!(
+            translate_service(&bad_port, &[]),
+            Err(TranslateError::InvalidPort(70000))
+        );
+        let svc = service("ns", "w", "10.96.0.15", &[("", 80, "TCP", json!(80))]);
+        let s = slice(
+            "ns",
+            "w",
+            "w",
+            &[("", 80, "TCP")],
+            &[ready("not-an-ip"), ready("10.0.0.1")],
+        );
+        let t = translate_service(&svc, &[&s]).unwrap();
+        assert_eq!(backends(&t, 80, Proto::Tcp), ["10.0.0.1:80"]);
+        assert!(t.warnings.iter().any(|w| w.contains("not-an-ip")));
+    }
+}

@@ -211,6 +211,8 @@ fn report(state: &State) -> anyhow::Result<(String, Vec<String>)> {
         }
     }
 
+    // Agents rewrite their status (with the counters) every second.
+    std::thread::sleep(Duration::from_millis(1500));
     writeln!(
         out,
         "\n== Datapath counters, per node (per-CPU maps, summed) =="

@@ -23,25 +23,44 @@ pub fn answer(pod: &str, client: SocketAddr, port: u16, proto: &str) -> String {
         .to_string()
 }
 
+/// Answers requests on one connection: HTTP/1.1 keep-alive until the client asks to close, goes
+/// away, or stays silent for 30 s (so tests can hold a connection open across changes).
 fn handle_http(mut stream: TcpStream, pod: &str, port: u16) {
     let Ok(peer) = stream.peer_addr() else {
         return;
     };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut request = Vec::new();
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut pending = Vec::new();
     let mut buf = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => request.extend_from_slice(&buf[..n]),
+    loop {
+        let end = loop {
+            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break Some(i + 4);
+            }
+            if pending.len() > 8192 {
+                break None;
+            }
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break None,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+            }
+        };
+        let Some(end) = end else {
+            return;
+        };
+        let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+        pending.drain(..end);
+        let close = head.contains("connection: close");
+        let body = answer(pod, peer, port, "tcp") + "\n";
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
+            body.len(),
+            if close { "close" } else { "keep-alive" }
+        );
+        if stream.write_all(reply.as_bytes()).is_err() || close {
+            return;
         }
     }
-    let body = answer(pod, peer, port, "tcp") + "\n";
-    let reply = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(reply.as_bytes());
 }
 
 /// Serves until killed.
