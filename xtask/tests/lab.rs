@@ -1,0 +1,546 @@
+//! Lab end-to-end tests: real sockets through the real kernel, in network namespaces built by
+//! `xtask lab`, with the agents' eBPF programs attached. They need root and fail without it.
+//! One lab at a time: the tests take a lock and use their own lab name (`kpltest`).
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd as _;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::Value;
+
+const LAB: &str = "kpltest";
+static ONE_LAB: Mutex<()> = Mutex::new(());
+
+const WEB_VIP: &str = "10.97.0.10:80";
+const ECHO_VIP: &str = "10.97.0.53:53";
+
+fn xtask(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .env("KPLAB_NAME", LAB)
+        .output()
+        .expect("run xtask")
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "xtask failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The web endpoints: (pod, address, ready). `None` leaves `ready` unset (counts as ready).
+type Endpoints<'a> = &'a [(&'a str, &'a str, Option<bool>)];
+
+const ALL_WEB: Endpoints = &[
+    ("web-1", "10.245.1.21", Some(true)),
+    ("web-2", "10.245.2.22", None),
+    ("web-3", "10.245.2.23", Some(true)),
+];
+
+const PODS: &[(&str, &str, &str, &str)] = &[
+    ("client-a", "node-a", "10.245.1.10", "8080/TCP"),
+    ("client-b", "node-b", "10.245.2.10", "8080/TCP"),
+    ("web-1", "node-a", "10.245.1.21", "8080/TCP"),
+    ("web-2", "node-b", "10.245.2.22", "8080/TCP"),
+    ("web-3", "node-b", "10.245.2.23", "8080/TCP"),
+    ("echo-1", "node-a", "10.245.1.31", "5353/UDP"),
+    ("echo-2", "node-b", "10.245.2.32", "5353/UDP"),
+];
+
+/// Writes the test cluster's manifests: two nodes, seven pods, Services web, echo and empty.
+fn manifests(
+    dir: &Path,
+    web: Option<Endpoints>,
+    echo_service: &str,
+    extra_pods: &[(&str, &str, &str, &str)],
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut nodes = String::new();
+    for (name, ip, cidr) in [
+        ("node-a", "172.31.0.2", "10.245.1.0/24"),
+        ("node-b", "172.31.0.3", "10.245.2.0/24"),
+    ] {
+        nodes += &format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{podCIDR: {cidr}}}\n\
+             status: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n---\n"
+        );
+    }
+    std::fs::write(dir.join("nodes.yaml"), nodes).unwrap();
+    let mut pods = String::new();
+    for (name, node, ip, port) in PODS.iter().chain(extra_pods) {
+        let (port, proto) = port.split_once('/').unwrap();
+        pods += &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: t}}\n\
+             spec: {{nodeName: {node}, containers: [{{name: c, ports: [{{containerPort: {port}, protocol: {proto}}}]}}]}}\n\
+             status: {{podIP: {ip}}}\n---\n"
+        );
+    }
+    std::fs::write(dir.join("pods.yaml"), pods).unwrap();
+    let mut svcs = String::from(echo_service);
+    svcs += "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {name: echo-x, namespace: t, labels: {kubernetes.io/service-name: echo}}\n\
+             addressType: IPv4\nports: [{name: dns, port: 5353, protocol: UDP}]\n\
+             endpoints: [{addresses: [10.245.1.31]}, {addresses: [10.245.2.32]}]\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: t}\n\
+             spec: {clusterIP: 10.97.0.99, ports: [{name: a, port: 80, protocol: TCP}, {name: b, port: 99, protocol: UDP}]}\n";
+    if let Some(eps) = web {
+        let eps: Vec<String> = eps
+            .iter()
+            .map(|(_, ip, ready)| match ready {
+                Some(r) => format!("{{addresses: [{ip}], conditions: {{ready: {r}}}}}"),
+                None => format!("{{addresses: [{ip}]}}"),
+            })
+            .collect();
+        svcs += &format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: t}}\n\
+             spec: {{clusterIP: 10.97.0.10, ports: [{{name: http, port: 80, protocol: TCP, targetPort: http}}]}}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: web-x, namespace: t, labels: {{kubernetes.io/service-name: web}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints: [{}]\n",
+            eps.join(", ")
+        );
+    }
+    std::fs::write(dir.join("services.yaml"), svcs).unwrap();
+}
+
+const ECHO_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: t}\n\
+     spec: {clusterIP: 10.97.0.53, ports: [{name: dns, port: 53, protocol: UDP, targetPort: 5353}]}\n";
+
+/// A running lab, torn down on drop (also when a test fails).
+struct Lab {
+    dir: tempfile::TempDir,
+    _lock: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Lab {
+    fn up() -> Lab {
+        // SAFETY: plain syscall.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "lab tests build namespaces and must run as root"
+        );
+        let lock = ONE_LAB
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let dir = tempfile::tempdir().unwrap();
+        let lab = Lab { dir, _lock: lock };
+        let m = lab.dir.path().join("m0");
+        manifests(&m, Some(ALL_WEB), ECHO_SERVICE, &[]);
+        ok(xtask(&["lab", "up", "--manifests", m.to_str().unwrap()]));
+        lab
+    }
+
+    fn apply(&self, name: &str, web: Option<Endpoints>, echo_service: &str) {
+        self.apply_with_pods(name, web, echo_service, &[]);
+    }
+
+    fn apply_with_pods(
+        &self,
+        name: &str,
+        web: Option<Endpoints>,
+        echo_service: &str,
+        extra: &[(&str, &str, &str, &str)],
+    ) {
+        let m = self.dir.path().join(name);
+        manifests(&m, web, echo_service, extra);
+        ok(xtask(&["lab", "apply", m.to_str().unwrap()]));
+    }
+
+    fn state(&self) -> Value {
+        serde_json::from_str(&ok(xtask(&["lab", "status"]))).unwrap()
+    }
+
+    fn netns(&self, pod: &str) -> String {
+        let state = self.state();
+        state["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["spec"]["key"] == format!("t/{pod}"))
+            .unwrap_or_else(|| panic!("pod {pod} not in the lab"))["netns"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let out = xtask(&["lab", "down"]);
+        if !std::thread::panicking() {
+            ok(out);
+        }
+    }
+}
+
+fn probe(from: &str, to: &str, proto: &str, count: u32) -> Vec<Value> {
+    let out = ok(xtask(&[
+        "lab",
+        "probe",
+        "--from",
+        from,
+        "--to",
+        to,
+        "--proto",
+        proto,
+        "--timeout-ms",
+        "1000",
+        "--count",
+        &count.to_string(),
+    ]));
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), count as usize);
+    lines
+}
+
+fn backends(results: &[Value]) -> std::collections::BTreeSet<String> {
+    results
+        .iter()
+        .map(|r| r["backend"].as_str().unwrap_or("-").to_owned())
+        .collect()
+}
+
+/// Checksum errors counted by every lab namespace's kernel.
+fn checksum_errors() -> u64 {
+    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let mut checked = 0;
+    let mut errors = 0;
+    for ns in String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+    {
+        if !ns.starts_with(&format!("{LAB}-")) {
+            continue;
+        }
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "nstat",
+                "-asz",
+                "TcpInCsumErrors",
+                "UdpInCsumErrors",
+            ])
+            .output()
+            .unwrap();
+        for line in String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("CsumErrors"))
+        {
+            checked += 1;
+            errors += line
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<u64>()
+                .unwrap();
+        }
+    }
+    assert!(checked >= 2 * 7, "nstat read too few counters ({checked})");
+    errors
+}
+
+#[test]
+fn clusterip_from_both_nodes_reaches_every_ready_backend_with_the_client_address() {
+    let lab = Lab::up();
+    let all_web: std::collections::BTreeSet<String> =
+        ["t/web-1", "t/web-2", "t/web-3"].map(String::from).into();
+    let all_echo: std::collections::BTreeSet<String> =
+        ["t/echo-1", "t/echo-2"].map(String::from).into();
+    for (client, ip) in [("t/client-a", "10.245.1.10"), ("t/client-b", "10.245.2.10")] {
+        let tcp = probe(client, WEB_VIP, "tcp", 40);
+        assert!(
+            tcp.iter().all(|r| r["result"] == "connected"),
+            "{client}: {tcp:?}"
+        );
+        assert_eq!(
+            backends(&tcp),
+            all_web,
+            "{client}: every ready web backend answers"
+        );
+        assert!(
+            tcp.iter().all(|r| r["client_seen"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{ip}:"))),
+            "{client}: the backend sees the client pod's own address"
+        );
+        let udp = probe(client, ECHO_VIP, "udp", 30);
+        assert!(
+            udp.iter().all(|r| r["result"] == "connected"),
+            "{client}: {udp:?}"
+        );
+        assert_eq!(backends(&udp), all_echo);
+        assert!(udp.iter().all(|r| {
+            r["client_seen"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{ip}:"))
+        }));
+    }
+    // A real HTTP client through the ClusterIP.
+    let curl = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.netns("client-a"),
+            "curl",
+            "-sS",
+            "-m",
+            "3",
+            "http://10.97.0.10/",
+        ])
+        .output()
+        .unwrap();
+    let body: Value = serde_json::from_slice(&curl.stdout).expect("curl shows the JSON reply");
+    assert!(body["pod"].as_str().unwrap().starts_with("t/web-"));
+    assert_eq!(
+        checksum_errors(),
+        0,
+        "no checksum errors anywhere in the lab"
+    );
+}
+
+/// A keep-alive HTTP connection opened from inside a pod's namespace.
+struct Held {
+    stream: TcpStream,
+}
+
+impl Held {
+    fn open(netns: &str, to: &str) -> Held {
+        let netns = netns.to_owned();
+        let to: SocketAddr = to.parse().unwrap();
+        let stream = std::thread::spawn(move || {
+            let f = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
+            // SAFETY: valid namespace fd; only this helper thread changes namespace.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            TcpStream::connect_timeout(&to, Duration::from_secs(2)).unwrap()
+        })
+        .join()
+        .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        Held { stream }
+    }
+
+    /// One request on the connection; returns the pod that answered.
+    fn ask(&mut self) -> String {
+        self.stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        while !got.ends_with(b"\n") || !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = self
+                .stream
+                .read(&mut buf)
+                .expect("reply on the held connection");
+            assert!(n > 0, "held connection closed");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let body = &got[got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+        serde_json::from_slice::<Value>(body).unwrap()["pod"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+}
+
+#[test]
+fn endpoints_turned_not_ready_or_removed_get_no_new_connections_while_existing_ones_finish() {
+    let lab = Lab::up();
+    let netns = lab.netns("client-a");
+    let mut held = std::collections::BTreeMap::new();
+    for _ in 0..60 {
+        let mut h = Held::open(&netns, WEB_VIP);
+        let pod = h.ask();
+        held.entry(pod).or_insert(h);
+        if held.contains_key("t/web-1") && held.contains_key("t/web-2") {
+            break;
+        }
+    }
+    assert!(
+        held.contains_key("t/web-1") && held.contains_key("t/web-2"),
+        "held {:?}",
+        held.keys()
+    );
+
+    lab.apply(
+        "not-ready",
+        Some(&[
+            ("web-1", "10.245.1.21", Some(false)),
+            ALL_WEB[1],
+            ALL_WEB[2],
+        ]),
+        ECHO_SERVICE,
+    );
+    let after = probe("t/client-a", WEB_VIP, "tcp", 30);
+    assert!(after.iter().all(|r| r["result"] == "connected"));
+    assert!(
+        !backends(&after).contains("t/web-1"),
+        "a not-ready endpoint gets no new connection"
+    );
+    assert_eq!(
+        held.get_mut("t/web-1").unwrap().ask(),
+        "t/web-1",
+        "its open connection still works"
+    );
+
+    lab.apply(
+        "removed",
+        Some(&[("web-1", "10.245.1.21", Some(false)), ALL_WEB[2]]),
+        ECHO_SERVICE,
+    );
+    let after = probe("t/client-b", WEB_VIP, "tcp", 20);
+    assert_eq!(
+        backends(&after),
+        ["t/web-3".to_owned()].into(),
+        "only the remaining ready endpoint"
+    );
+    assert_eq!(
+        held.get_mut("t/web-2").unwrap().ask(),
+        "t/web-2",
+        "a removed endpoint's connection finishes"
+    );
+    assert_eq!(held.get_mut("t/web-1").unwrap().ask(), "t/web-1");
+    assert_eq!(checksum_errors(), 0);
+}
+
+#[test]
+fn deleted_services_stop_answering_empty_ones_refuse_and_bad_objects_lose_nothing() {
+    let lab = Lab::up();
+    for (to, proto) in [("10.97.0.99:80", "tcp"), ("10.97.0.99:99", "udp")] {
+        let r = probe("t/client-b", to, proto, 3);
+        assert!(
+            r.iter().all(|r| r["result"] == "refused"),
+            "no endpoints -> refused: {r:?}"
+        );
+    }
+    // The echo Service turns malformed: it is skipped with a warning, and what was programmed stays.
+    let malformed = ECHO_SERVICE.replace("ports: [", "ports: 7, x: [");
+    lab.apply("malformed", Some(ALL_WEB), &malformed);
+    let r = probe("t/client-a", ECHO_VIP, "udp", 5);
+    assert!(r.iter().all(|r| r["result"] == "connected"), "{r:?}");
+    let log = std::fs::read_to_string(format!("/run/{LAB}/nodes/node-a/agent.log")).unwrap();
+    assert!(
+        log.contains("Service t/echo is malformed"),
+        "the warning names the object"
+    );
+
+    lab.apply("deleted", None, ECHO_SERVICE);
+    let r = probe("t/client-a", WEB_VIP, "tcp", 5);
+    assert!(
+        r.iter().all(|r| r["result"] != "connected"),
+        "a deleted Service stops answering: {r:?}"
+    );
+    let r = probe("t/client-a", ECHO_VIP, "udp", 5);
+    assert!(
+        r.iter().all(|r| r["result"] == "connected"),
+        "other Services keep working"
+    );
+    drop(lab);
+}
+
+#[test]
+fn probe_classifies_silence_as_timeout_and_fails_only_when_it_cannot_run() {
+    let lab = Lab::up();
+    let state = lab.state();
+    let pid = state["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["spec"]["key"] == "t/echo-1")
+        .unwrap()["server_pid"]
+        .as_i64()
+        .unwrap() as i32;
+    // SAFETY: pausing the lab's own server process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let out = xtask(&[
+        "lab",
+        "probe",
+        "--from",
+        "t/client-b",
+        "--to",
+        "10.245.1.31:5353",
+        "--proto",
+        "udp",
+        "--timeout-ms",
+        "300",
+    ]);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let r: Value = serde_json::from_str(ok(out).trim()).unwrap();
+    assert_eq!(r["result"], "timeout");
+    assert_eq!(r["backend"], Value::Null);
+
+    let r: Value = serde_json::from_str(
+        ok(xtask(&[
+            "lab",
+            "probe",
+            "--from",
+            "t/client-b",
+            "--to",
+            "10.245.1.31:5353",
+            "--proto",
+            "udp",
+        ]))
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(r["result"], "connected");
+
+    let bad = xtask(&["lab", "probe", "--from", "t/nobody", "--to", WEB_VIP]);
+    assert!(
+        !bad.status.success(),
+        "an unknown source is an error, not a result"
+    );
+}
+
+fn attached(node: &str) -> usize {
+    let status: Value = serde_json::from_slice(
+        &std::fs::read(format!("/run/{LAB}/nodes/{node}/status.json")).unwrap(),
+    )
+    .unwrap();
+    status["interfaces"].as_array().unwrap().len()
+}
+
+#[test]
+fn agents_follow_pods_as_they_come_and_go() {
+    let lab = Lab::up();
+    assert_eq!((attached("node-a"), attached("node-b")), (3, 4));
+    let client_c = [("client-c", "node-b", "10.245.2.50", "8080/TCP")];
+    lab.apply_with_pods("new-pod", Some(ALL_WEB), ECHO_SERVICE, &client_c);
+    assert_eq!(
+        attached("node-b"),
+        5,
+        "the new pod's interface is attached before apply returns"
+    );
+    let r = probe("t/client-c", WEB_VIP, "tcp", 10);
+    assert!(r.iter().all(|r| r["result"] == "connected"), "{r:?}");
+    assert!(r.iter().all(|r| {
+        r["client_seen"]
+            .as_str()
+            .unwrap()
+            .starts_with("10.245.2.50:")
+    }));
+
+    lab.apply("pod-gone", Some(ALL_WEB), ECHO_SERVICE);
+    assert_eq!(
+        attached("node-b"),
+        4,
+        "the removed pod's interface is forgotten"
+    );
+}
