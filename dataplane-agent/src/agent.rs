@@ -107,7 +107,7 @@ impl Agent {
         let mut dirty = Dirty::default();
         for event in batch.events {
             dirty.merge(match event {
-                Event::Apply(obj) => self.index.apply(*obj),
+                Event::Apply(obj) => self.index.apply(obj),
                 Event::Delete(key) => self.index.delete(&key),
             });
         }

@@ -19,7 +19,7 @@ use crate::model::{Kind, Object, ObjectKey};
 /// One change to the index.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    Apply(Box<Object>),
+    Apply(Object),
     Delete(ObjectKey),
 }
 
@@ -201,7 +201,7 @@ impl ManifestSource {
                 _ => {
                     self.owners.insert(key.clone(), file.to_owned());
                     if old.get(&key) != Some(&obj) {
-                        scan.events.push(Event::Apply(Box::new(obj)));
+                        scan.events.push(Event::Apply(obj));
                     }
                 }
             }
@@ -270,12 +270,26 @@ fn to_object(index: usize, value: serde_yaml::Value) -> Option<Result<Object, Ba
         name,
     };
     let parsed = match kind {
-        Kind::Service => serde_yaml::from_value(value).map(Object::Service),
-        Kind::Pod => serde_yaml::from_value(value).map(Object::Pod),
-        Kind::Namespace => serde_yaml::from_value(value).map(Object::Namespace),
-        Kind::Node => serde_yaml::from_value(value).map(Object::Node),
-        Kind::EndpointSlice => serde_yaml::from_value(value).map(Object::EndpointSlice),
-        Kind::NetworkPolicy => serde_yaml::from_value(value).map(Object::NetworkPolicy),
+        Kind::Service => {
+            serde_yaml::from_value::<k8s_openapi::api::core::v1::Service>(value).map(Object::from)
+        }
+        Kind::Pod => {
+            serde_yaml::from_value::<k8s_openapi::api::core::v1::Pod>(value).map(Object::from)
+        }
+        Kind::Namespace => {
+            serde_yaml::from_value::<k8s_openapi::api::core::v1::Namespace>(value).map(Object::from)
+        }
+        Kind::Node => {
+            serde_yaml::from_value::<k8s_openapi::api::core::v1::Node>(value).map(Object::from)
+        }
+        Kind::EndpointSlice => {
+            serde_yaml::from_value::<k8s_openapi::api::discovery::v1::EndpointSlice>(value)
+                .map(Object::from)
+        }
+        Kind::NetworkPolicy => {
+            serde_yaml::from_value::<k8s_openapi::api::networking::v1::NetworkPolicy>(value)
+                .map(Object::from)
+        }
     };
     Some(parsed.map_err(|e| BadDocument {
         warning: format!("{key} is malformed, skipped (previous version kept): {e}"),

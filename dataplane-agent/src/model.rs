@@ -75,13 +75,24 @@ impl fmt::Display for NsName {
 /// One object of a kind the agent watches.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
-    Service(Service),
-    EndpointSlice(EndpointSlice),
-    Pod(Pod),
-    Namespace(Namespace),
-    Node(Node),
-    NetworkPolicy(NetworkPolicy),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    Pod(Box<Pod>),
+    Namespace(Box<Namespace>),
+    Node(Box<Node>),
+    NetworkPolicy(Box<NetworkPolicy>),
 }
+
+macro_rules! object_from {
+    ($($kind:ident),*) => {$(
+        impl From<$kind> for Object {
+            fn from(o: $kind) -> Self {
+                Object::$kind(Box::new(o))
+            }
+        }
+    )*};
+}
+object_from!(Service, EndpointSlice, Pod, Namespace, Node, NetworkPolicy);
 
 impl Object {
     #[must_use]
@@ -155,7 +166,7 @@ impl Index {
         let mut dirty = Dirty::default();
         match object {
             Object::Service(svc) => {
-                self.services.insert(id.clone(), svc);
+                self.services.insert(id.clone(), *svc);
                 dirty.services.insert(id);
             }
             Object::EndpointSlice(slice) => {
@@ -167,20 +178,20 @@ impl Index {
                         .insert(id.name.clone());
                     dirty.services.insert(svc);
                 }
-                self.slices.insert(id, slice);
+                self.slices.insert(id, *slice);
             }
             Object::Pod(pod) => {
-                self.pods.insert(id, pod);
+                self.pods.insert(id, *pod);
                 dirty.pods = true;
             }
             Object::Namespace(ns) => {
-                self.namespaces.insert(id.name, ns);
+                self.namespaces.insert(id.name, *ns);
             }
             Object::Node(node) => {
-                self.nodes.insert(id.name, node);
+                self.nodes.insert(id.name, *node);
             }
             Object::NetworkPolicy(np) => {
-                self.network_policies.insert(id, np);
+                self.network_policies.insert(id, *np);
             }
         }
         dirty
@@ -277,14 +288,14 @@ mod tests {
     #[test]
     fn slices_join_their_service_by_label_and_dirty_it() {
         let mut index = Index::default();
-        let d = index.apply(Object::Service(service(
+        let d = index.apply(Object::from(service(
             "ns",
             "web",
             "10.96.0.10",
             &[("", 80, "TCP", json!(80))],
         )));
         assert_eq!(d.services, [svc("web")].into());
-        let d = index.apply(Object::EndpointSlice(slice(
+        let d = index.apply(Object::from(slice(
             "ns",
             "web-a",
             "web",
@@ -292,24 +303,18 @@ mod tests {
             &[ready("10.0.0.1")],
         )));
         assert_eq!(d.services, [svc("web")].into());
-        index.apply(Object::EndpointSlice(slice("ns", "web-b", "web", &[], &[])));
+        index.apply(Object::from(slice("ns", "web-b", "web", &[], &[])));
         assert_eq!(index.slices_of(&svc("web")).len(), 2);
         // Another namespace's slice with the same label does not join.
-        index.apply(Object::EndpointSlice(slice(
-            "other",
-            "web-c",
-            "web",
-            &[],
-            &[],
-        )));
+        index.apply(Object::from(slice("other", "web-c", "web", &[], &[])));
         assert_eq!(index.slices_of(&svc("web")).len(), 2);
     }
 
     #[test]
     fn relabelling_a_slice_dirties_both_services() {
         let mut index = Index::default();
-        index.apply(Object::EndpointSlice(slice("ns", "x", "a", &[], &[])));
-        let d = index.apply(Object::EndpointSlice(slice("ns", "x", "b", &[], &[])));
+        index.apply(Object::from(slice("ns", "x", "a", &[], &[])));
+        let d = index.apply(Object::from(slice("ns", "x", "b", &[], &[])));
         assert_eq!(d.services, [svc("a"), svc("b")].into());
         assert!(index.slices_of(&svc("a")).is_empty());
         let d = index.delete(&ObjectKey {

@@ -353,13 +353,13 @@ mod tests {
     #[test]
     fn an_endpoint_change_rewrites_only_what_changed() {
         let mut index = Index::default();
-        index.apply(Object::Service(service(
+        index.apply(Object::from(service(
             "ns",
             "web",
             "10.96.0.10",
             &[("", 80, "TCP", json!(8080))],
         )));
-        index.apply(Object::EndpointSlice(slice(
+        index.apply(Object::from(slice(
             "ns",
             "web-a",
             "web",
@@ -371,7 +371,7 @@ mod tests {
         let first = p.sync_service(&index, &ns("web"), &mut maps);
         assert_eq!(first.ops, 2 + 3, "two backends, header and two slots");
 
-        index.apply(Object::EndpointSlice(slice(
+        index.apply(Object::from(slice(
             "ns",
             "web-a",
             "web",
@@ -386,13 +386,13 @@ mod tests {
     #[test]
     fn deleting_a_service_removes_everything_it_wrote() {
         let mut index = Index::default();
-        index.apply(Object::Service(service(
+        index.apply(Object::from(service(
             "ns",
             "web",
             "10.96.0.10",
             &[("", 80, "TCP", json!(8080))],
         )));
-        index.apply(Object::EndpointSlice(slice(
+        index.apply(Object::from(slice(
             "ns",
             "web-a",
             "web",
@@ -415,7 +415,7 @@ mod tests {
     #[test]
     fn a_malformed_update_keeps_what_was_programmed() {
         let mut index = Index::default();
-        index.apply(Object::Service(service(
+        index.apply(Object::from(service(
             "ns",
             "web",
             "10.96.0.10",
@@ -425,7 +425,7 @@ mod tests {
         let mut maps = MapState::default();
         p.sync_service(&index, &ns("web"), &mut maps);
         let before = maps.clone();
-        index.apply(Object::Service(service(
+        index.apply(Object::from(service(
             "ns",
             "web",
             "banana",
@@ -444,13 +444,13 @@ mod tests {
     #[test]
     fn a_frontend_claimed_twice_stays_with_its_first_service() {
         let mut index = Index::default();
-        index.apply(Object::Service(service(
+        index.apply(Object::from(service(
             "ns",
             "a",
             "10.96.0.10",
             &[("", 80, "TCP", json!(1))],
         )));
-        index.apply(Object::Service(service(
+        index.apply(Object::from(service(
             "ns",
             "b",
             "10.96.0.10",
@@ -485,8 +485,8 @@ mod tests {
                 let dirty = if present {
                     let ip = format!("10.96.0.{}", svc + 1);
                     let eps: Vec<_> = POOL.iter().zip(&members).filter(|(_, m)| **m).map(|(a, _)| ready(a)).collect();
-                    let mut d = index.apply(Object::Service(service("ns", &name, &ip, &[("", 80, "TCP", json!(8080))])));
-                    d.merge(index.apply(Object::EndpointSlice(slice("ns", &name, &name, &[("", 8080, "TCP")], &eps))));
+                    let mut d = index.apply(Object::from(service("ns", &name, &ip, &[("", 80, "TCP", json!(8080))])));
+                    d.merge(index.apply(Object::from(slice("ns", &name, &name, &[("", 8080, "TCP")], &eps))));
                     d
                 } else {
                     let mut d = index.delete(&key(crate::model::Kind::Service));

@@ -21,6 +21,9 @@ pub fn service(
     .expect("valid Service")
 }
 
+/// An endpoint: address, then the ready, serving and terminating conditions (`None` = unset).
+pub type Endpoint<'a> = (&'a str, Option<bool>, Option<bool>, Option<bool>);
+
 /// An IPv4 EndpointSlice of `svc` with (name, port, protocol) ports and (address, ready, serving,
 /// terminating) endpoints; `None` leaves a condition unset.
 pub fn slice(
@@ -28,7 +31,7 @@ pub fn slice(
     name: &str,
     svc: &str,
     ports: &[(&str, i32, &str)],
-    endpoints: &[(&str, Option<bool>, Option<bool>, Option<bool>)],
+    endpoints: &[Endpoint<'_>],
 ) -> EndpointSlice {
     let ports: Vec<_> = ports
         .iter()
@@ -49,6 +52,6 @@ pub fn slice(
 }
 
 /// A ready endpoint (conditions unset count as ready).
-pub fn ready(addr: &str) -> (&str, Option<bool>, Option<bool>, Option<bool>) {
+pub fn ready(addr: &str) -> Endpoint<'_> {
     (addr, None, None, None)
 }

@@ -116,17 +116,18 @@ enum Expect {
     Dropped(DropReason),
 }
 
+/// A service: address, port, protocol and its (address, port) backends.
+type ServiceDef = (&'static str, u16, Proto, &'static [(&'static str, u16)]);
+
 struct Case {
     name: &'static str,
-    services: &'static [(&'static str, u16, Proto, &'static [(&'static str, u16)])],
+    services: &'static [ServiceDef],
     input: fn() -> Vec<u8>,
     expect: Expect,
 }
 
-const ONE_TCP: &[(&str, u16, Proto, &[(&str, u16)])] =
-    &[(VIP, 80, Proto::Tcp, &[(BACKEND_A, 8080)])];
-const ONE_UDP: &[(&str, u16, Proto, &[(&str, u16)])] =
-    &[(VIP, 53, Proto::Udp, &[(BACKEND_B, 5353)])];
+const ONE_TCP: &[ServiceDef] = &[(VIP, 80, Proto::Tcp, &[(BACKEND_A, 8080)])];
+const ONE_UDP: &[ServiceDef] = &[(VIP, 53, Proto::Udp, &[(BACKEND_B, 5353)])];
 
 fn truncate(mut frame: Vec<u8>, len: usize) -> Vec<u8> {
     frame.truncate(len);

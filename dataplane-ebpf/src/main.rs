@@ -70,7 +70,7 @@ fn verdict(result: Result<i32, DropReason>) -> i32 {
         Ok(action) => action,
         Err(reason) => {
             count_drop(reason);
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
     }
 }
@@ -96,7 +96,7 @@ fn count_service(rev_nat_id: u16, bytes: u32) {
 
 fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(pkt) = Packet::parse(ctx)? else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     };
     if pkt.daddr == HAIRPIN_ADDR {
         return hairpin_reply(ctx, &pkt);
@@ -110,7 +110,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         dir: CT_DIR_SERVICE,
         pad: 0,
     };
-    if let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
+    if let Some(ct) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: the pointer comes from a successful lookup; the entry is only read and its flags
         // and timestamp updated, racing writers can at worst lose one refresh.
         let ct = unsafe { &mut *ct };
@@ -122,7 +122,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
             if ct.flags & CT_FLAG_HAIRPIN != 0 {
                 return hairpin(ctx, &pkt, HAIRPIN_ADDR, pkt.sport);
             }
-            return Ok(TC_ACT_OK as i32);
+            return Ok(TC_ACT_OK);
         }
     }
 
@@ -135,8 +135,8 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         pad: 0,
     };
     // SAFETY: the value is copied out at once.
-    let Some(header) = (unsafe { SERVICES.get(&svc_key) }).copied() else {
-        return Ok(TC_ACT_OK as i32);
+    let Some(header) = (unsafe { SERVICES.get(svc_key) }).copied() else {
+        return Ok(TC_ACT_OK);
     };
     count_service(header.rev_nat_id, ctx.len());
     if header.count == 0 {
@@ -147,7 +147,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     let pick = unsafe { bpf_get_prandom_u32() } % u32::from(header.count);
     svc_key.slot = (pick + 1) as u16;
     // SAFETY: the value is copied out at once.
-    let slot = unsafe { SERVICES.get(&svc_key) }.ok_or(DropReason::BackendMissing)?;
+    let slot = unsafe { SERVICES.get(svc_key) }.ok_or(DropReason::BackendMissing)?;
     let backend_id = slot.backend_id;
     // SAFETY: the value is copied out at once.
     let backend = *unsafe { BACKENDS.get(backend_id) }.ok_or(DropReason::BackendMissing)?;
@@ -186,16 +186,16 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     // The reply entry goes in first, so the backend's first answer always finds it. Both inserts
     // overwrite: a reopened tuple (SYN after FIN/RST) replaces its stale entries.
     CONNTRACK
-        .insert(&reply_key, &reply, 0)
+        .insert(reply_key, reply, 0)
         .map_err(|_| DropReason::CtCreateFailed)?;
     CONNTRACK
-        .insert(&key, &forward, 0)
+        .insert(key, forward, 0)
         .map_err(|_| DropReason::CtCreateFailed)?;
     nat_dst(ctx, &pkt, backend.addr, backend.port)?;
     if is_hairpin {
         return hairpin(ctx, &pkt, HAIRPIN_ADDR, pkt.sport);
     }
-    Ok(TC_ACT_OK as i32)
+    Ok(TC_ACT_OK)
 }
 
 /// The reply of a hairpinned connection, sent by the backend pod to [`HAIRPIN_ADDR`]: restore the
@@ -211,8 +211,8 @@ fn hairpin_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
         dir: CT_DIR_REPLY,
         pad: 0,
     };
-    let Some(ct) = CONNTRACK.get_ptr_mut(&key) else {
-        return Ok(TC_ACT_OK as i32);
+    let Some(ct) = CONNTRACK.get_ptr_mut(key) else {
+        return Ok(TC_ACT_OK);
     };
     // SAFETY: as in `try_from_pod`.
     let ct = unsafe { &mut *ct };
@@ -249,7 +249,7 @@ fn hairpin(ctx: &TcContext, pkt: &Packet, saddr: u32, sport: u16) -> Result<i32,
 
 fn try_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(pkt) = Packet::parse(ctx)? else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     };
     let key = CtKey {
         saddr: pkt.saddr,
@@ -260,14 +260,14 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         dir: CT_DIR_REPLY,
         pad: 0,
     };
-    let Some(ct) = CONNTRACK.get_ptr_mut(&key) else {
-        return Ok(TC_ACT_OK as i32);
+    let Some(ct) = CONNTRACK.get_ptr_mut(key) else {
+        return Ok(TC_ACT_OK);
     };
     // SAFETY: as in `try_from_pod`.
     let ct = unsafe { &mut *ct };
     track(ct, &pkt);
     nat_src(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
-    Ok(TC_ACT_OK as i32)
+    Ok(TC_ACT_OK)
 }
 
 #[inline(always)]

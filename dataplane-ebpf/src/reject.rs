@@ -22,7 +22,6 @@ const RST_LEN: usize = ETH_HLEN + IP_HLEN + TCP_HLEN;
 /// ICMP errors quote the offending IPv4 header and the first 8 bytes of its payload.
 const QUOTE_LEN: usize = IP_HLEN + 8;
 const ICMP_HLEN: usize = 8;
-const ICMP_HEAD_LEN: usize = ETH_HLEN + IP_HLEN + ICMP_HLEN;
 
 /// Builds the refusal and redirects it; packets that cannot be answered (an RST, IP options) are
 /// dropped, already counted as `NoBackend` by the caller. The builders are not inlined: their
@@ -31,7 +30,7 @@ const ICMP_HEAD_LEN: usize = ETH_HLEN + IP_HLEN + ICMP_HLEN;
 #[inline(always)]
 pub fn reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
     if pkt.ihl != IP_HLEN || pkt.tcp_flags & TCP_FLAG_RST != 0 {
-        return Ok(TC_ACT_SHOT as i32);
+        return Ok(TC_ACT_SHOT);
     }
     let eth: [u8; 12] = ctx.load(0).map_err(|_| DropReason::RejectFailed)?;
     if pkt.proto == PROTO_TCP {

@@ -85,7 +85,7 @@ impl Pkt {
             l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
         }
         let mut ip_opts = self.ip_options.clone();
-        while ip_opts.len() % 4 != 0 {
+        while !ip_opts.len().is_multiple_of(4) {
             ip_opts.push(0);
         }
         let ihl = 5 + ip_opts.len() / 4;
