@@ -265,6 +265,15 @@ fn write_status(path: &std::path::Path, status: &Status) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes the status file if one is configured; a failure is logged, the agent goes on.
+fn report(path: Option<&std::path::Path>, agent: &Agent) {
+    if let Some(path) = path
+        && let Err(e) = write_status(path, &agent.status())
+    {
+        warn!("cannot write status: {e:#}");
+    }
+}
+
 /// Polls the manifests directory and sends a batch whenever something changed.
 async fn watch_manifests(dir: PathBuf, poll: Duration, tx: mpsc::Sender<Batch>) {
     let mut source = ManifestSource::new(dir.clone());
@@ -314,15 +323,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::select! {
             Some(batch) = rx.recv() => {
                 agent.apply(batch);
-                if let Some(path) = &config.status_file {
-                    write_status(path, &agent.status())?;
-                }
+                report(config.status_file.as_deref(), &agent);
             }
             _ = every_second.tick() => {
                 agent.sync_interfaces();
-                if let Some(path) = &config.status_file {
-                    write_status(path, &agent.status())?;
-                }
+                report(config.status_file.as_deref(), &agent);
             }
             _ = gc.tick() => agent.gc_conntrack(),
             _ = tokio::signal::ctrl_c() => break,

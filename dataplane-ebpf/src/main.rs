@@ -101,19 +101,8 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     if pkt.daddr == HAIRPIN_ADDR {
         return hairpin_reply(ctx, &pkt);
     }
-    let key = CtKey {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        dir: CT_DIR_SERVICE,
-        pad: 0,
-    };
-    if let Some(ct) = CONNTRACK.get_ptr_mut(key) {
-        // SAFETY: the pointer comes from a successful lookup; the entry is only read and its flags
-        // and timestamp updated, racing writers can at worst lose one refresh.
-        let ct = unsafe { &mut *ct };
+    let key = pkt.ct_key(CT_DIR_SERVICE);
+    if let Some(ct) = conntrack(key) {
         let reopened = pkt.is_tcp_syn() && ct.flags & CT_FLAG_CLOSING != 0;
         if !reopened {
             track(ct, &pkt);
@@ -202,20 +191,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
 /// service address as its source and the pod itself as its destination.
 #[inline(never)]
 fn hairpin_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
-    let key = CtKey {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        dir: CT_DIR_REPLY,
-        pad: 0,
-    };
-    let Some(ct) = CONNTRACK.get_ptr_mut(key) else {
+    let Some(ct) = conntrack(pkt.ct_key(CT_DIR_REPLY)) else {
         return Ok(TC_ACT_OK);
     };
-    // SAFETY: as in `try_from_pod`.
-    let ct = unsafe { &mut *ct };
     track(ct, pkt);
     // The destination becomes the pod itself (the client side of the hairpin).
     rewrite(
@@ -241,33 +219,37 @@ fn hairpin(ctx: &TcContext, pkt: &Packet, saddr: u32, sport: u16) -> Result<i32,
     swapped[6..].copy_from_slice(&eth[..6]);
     ctx.store(0, &swapped, 0)
         .map_err(|_| DropReason::NatFailed)?;
-    // SAFETY: `skb` is the program's own context pointer.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+    Ok(back_to_pod(ctx))
 }
 
 fn try_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(pkt) = Packet::parse(ctx)? else {
         return Ok(TC_ACT_OK);
     };
-    let key = CtKey {
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        dir: CT_DIR_REPLY,
-        pad: 0,
-    };
-    let Some(ct) = CONNTRACK.get_ptr_mut(key) else {
+    let Some(ct) = conntrack(pkt.ct_key(CT_DIR_REPLY)) else {
         return Ok(TC_ACT_OK);
     };
-    // SAFETY: as in `try_from_pod`.
-    let ct = unsafe { &mut *ct };
     track(ct, &pkt);
     nat_src(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
     Ok(TC_ACT_OK)
+}
+
+/// The conntrack entry of a tuple, to read and to refresh.
+#[inline(always)]
+fn conntrack(key: CtKey) -> Option<&'static mut CtValue> {
+    let ct = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: the pointer comes from a successful lookup and stays valid for this program run; the
+    // entry's flags and timestamp are only ever set (racing writers can at worst lose a refresh).
+    Some(unsafe { &mut *ct })
+}
+
+/// Sends the packet back out of the interface it came in on, towards the pod.
+#[inline(always)]
+pub(crate) fn back_to_pod(ctx: &TcContext) -> i32 {
+    // SAFETY: `skb` is the program's own context pointer.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
 }
 
 #[inline(always)]

@@ -1,7 +1,7 @@
 //! Packet parsing: Ethernet -> IPv4 (any header length) -> TCP/UDP ports.
 
 use aya_ebpf::programs::TcContext;
-use dataplane_common::{DropReason, PROTO_TCP, PROTO_UDP};
+use dataplane_common::{CtKey, DropReason, PROTO_TCP, PROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 pub const IPV4_OFF: usize = ETH_HLEN;
@@ -105,6 +105,20 @@ impl Packet {
             _ => return Ok(None),
         }
         Ok(Some(pkt))
+    }
+
+    /// The packet's 5-tuple as a conntrack key for one direction.
+    #[inline(always)]
+    pub fn ct_key(&self, dir: u8) -> CtKey {
+        CtKey {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            dir,
+            pad: 0,
+        }
     }
 
     /// A TCP segment that opens a connection: SYN without ACK.

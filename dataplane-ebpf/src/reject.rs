@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     bindings::{__sk_buff, TC_ACT_SHOT},
-    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail},
+    helpers::{bpf_csum_diff, bpf_skb_change_head, bpf_skb_change_tail},
     programs::TcContext,
 };
 use dataplane_common::{DropReason, PROTO_TCP};
@@ -38,10 +38,7 @@ pub fn reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
     } else {
         icmp_port_unreachable(ctx, pkt, &eth)?;
     }
-    // SAFETY: `skb` is the program's own context pointer.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: plain helper call; redirecting to the ingress interface's egress side.
-    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+    Ok(crate::back_to_pod(ctx))
 }
 
 /// A 4-byte aligned buffer, as `bpf_csum_diff` sums 32-bit words.

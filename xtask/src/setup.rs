@@ -49,14 +49,23 @@ pub fn ensure() -> anyhow::Result<()> {
             .args(&missing))?;
     }
 
-    let has_rust_src = Command::new("rustup")
+    // rust-src for `-Z build-std=core`; clippy to lint the eBPF crate for its own target.
+    let nightly = Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output()
-        .is_ok_and(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("rust-src")
-        });
-    if !has_rust_src {
-        eprintln!("setup: installing the nightly toolchain's rust-src (for -Z build-std)");
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let missing: Vec<&str> = ["rust-src", "clippy"]
+        .into_iter()
+        .filter(|c| {
+            !nightly
+                .as_deref()
+                .is_some_and(|n| n.lines().any(|l| l.starts_with(c)))
+        })
+        .collect();
+    if nightly.is_none() {
+        eprintln!("setup: installing the nightly toolchain with rust-src and clippy");
         run(Command::new("rustup").args([
             "toolchain",
             "install",
@@ -64,8 +73,16 @@ pub fn ensure() -> anyhow::Result<()> {
             "--profile",
             "minimal",
             "--component",
-            "rust-src",
+            "rust-src,clippy",
         ]))?;
+    } else if !missing.is_empty() {
+        eprintln!(
+            "setup: adding {} to the nightly toolchain",
+            missing.join(" and ")
+        );
+        run(Command::new("rustup")
+            .args(["component", "add", "--toolchain", "nightly"])
+            .args(&missing))?;
     }
 
     let linker_ok = Command::new("bpf-linker")

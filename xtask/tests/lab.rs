@@ -134,7 +134,14 @@ impl Lab {
         let lab = Lab { dir, _lock: lock };
         let m = lab.dir.path().join("m0");
         manifests(&m, Some(ALL_WEB), ECHO_SERVICE, &[]);
-        ok(xtask(&["lab", "up", "--manifests", m.to_str().unwrap()]));
+        ok(xtask(&[
+            "lab",
+            "up",
+            "--manifests",
+            m.to_str().unwrap(),
+            "--external",
+            "ext=172.31.0.100",
+        ]));
         lab
     }
 
@@ -501,6 +508,22 @@ fn probe_classifies_silence_as_timeout_and_fails_only_when_it_cannot_run() {
     )
     .unwrap();
     assert_eq!(r["result"], "connected");
+
+    // Nodes and external hosts are probe sources too: a node reaches pods on the other node; an
+    // external host reaches a node, whose kernel refuses a port nobody listens on.
+    let r = probe("node-a", "10.245.2.22:8080", "tcp", 1);
+    assert_eq!(
+        (r[0]["result"].as_str(), r[0]["backend"].as_str()),
+        (Some("connected"), Some("t/web-2"))
+    );
+    assert!(
+        r[0]["client_seen"]
+            .as_str()
+            .unwrap()
+            .starts_with("172.31.0.2:")
+    );
+    let r = probe("ext", "172.31.0.2:9", "tcp", 1);
+    assert_eq!(r[0]["result"], "refused");
 
     let bad = xtask(&["lab", "probe", "--from", "t/nobody", "--to", WEB_VIP]);
     assert!(

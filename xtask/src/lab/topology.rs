@@ -13,35 +13,29 @@ use super::{NodeSpec, PodSpec, PodState};
 /// The pods' default gateway, answered by a static neighbour entry (as Calico does).
 const POD_GATEWAY: &str = "169.254.1.1";
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
+/// Runs a command to completion; its stderr becomes the error.
+fn exec(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
     if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
 
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    exec(
+        Command::new("ip").args(args),
+        &format!("ip {}", args.join(" ")),
+    )
+}
+
 fn in_ns(netns: &str, program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, program])
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program} in {netns}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {} in {netns}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    exec(
+        Command::new("ip")
+            .args(["netns", "exec", netns, program])
+            .args(args),
+        &format!("{program} {} in {netns}", args.join(" ")),
+    )
 }
 
 /// Short, stable interface-name suffix (interface names are limited to 15 bytes).
@@ -133,8 +127,12 @@ fn create_host(
 }
 
 /// A node: a host that forwards, with routes to the other nodes' pod CIDRs.
+fn node_netns(prefix: &str, node: &NodeSpec) -> String {
+    format!("{prefix}-n-{}", node.name)
+}
+
 pub fn create_node(prefix: &str, spec: &NodeSpec, nodes: &[NodeSpec]) -> anyhow::Result<String> {
-    let netns = format!("{prefix}-n-{}", spec.name);
+    let netns = node_netns(prefix, spec);
     create_host(prefix, &netns, spec.ip, nodes)?;
     in_ns(&netns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
     for other in nodes.iter().filter(|n| n.name != spec.name) {
@@ -153,7 +151,7 @@ pub fn create_node(prefix: &str, spec: &NodeSpec, nodes: &[NodeSpec]) -> anyhow:
     Ok(netns)
 }
 
-/// An external host on the underlay (outside the cluster).
+/// An external host on the underlay (outside the cluster); every node routes to it.
 pub fn create_external(
     prefix: &str,
     name: &str,
@@ -162,6 +160,17 @@ pub fn create_external(
 ) -> anyhow::Result<String> {
     let netns = format!("{prefix}-x-{name}");
     create_host(prefix, &netns, addr, nodes)?;
+    for node in nodes {
+        ip(&[
+            "-n",
+            &node_netns(prefix, node),
+            "route",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            "eth0",
+        ])?;
+    }
     Ok(netns)
 }
 
