@@ -8,17 +8,20 @@
 //! ```
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use dataplane_common::{CT_FLAG_CLOSING, PROTO_TCP};
-use serde::Serialize;
-use tokio::sync::mpsc;
+use dataplane_common::{
+    CT_FLAG_CLOSING, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICE_ENTRIES, PROTO_TCP, map_names,
+};
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::datapath::Datapath;
 use crate::interfaces::{ifindex, local_pod_ips, parse_routes, pod_interfaces};
 use crate::manifests::{Event, ManifestSource};
+use crate::metrics::{Histogram, MapUsage, ServiceStatus, Status};
 use crate::model::{Dirty, Index};
 use crate::program::Programmer;
 
@@ -34,6 +37,8 @@ pub struct Config {
     pub manifests: PathBuf,
     pub status_file: Option<PathBuf>,
     pub poll: Duration,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served; `None` serves nothing.
+    pub http_bind: Option<std::net::SocketAddr>,
 }
 
 /// One batch of changes from a source; `fingerprint` identifies the source state it leads to.
@@ -42,33 +47,8 @@ pub struct Batch {
     pub events: Vec<Event>,
     pub warnings: Vec<String>,
     pub fingerprint: u64,
-}
-
-/// What the agent reports about itself, written as JSON to the status file.
-#[derive(Debug, Serialize)]
-pub struct Status {
-    pub node: String,
-    /// Number of batches fully programmed so far.
-    pub generation: u64,
-    /// Fingerprint of the manifests the maps now reflect (hex), once the first batch is programmed.
-    pub fingerprint: Option<String>,
-    pub objects: BTreeMap<&'static str, usize>,
-    pub frontends: usize,
-    pub backends: usize,
-    pub interfaces: Vec<String>,
-    pub warnings_total: u64,
-    pub map_write_errors_total: u64,
-    pub drops: BTreeMap<&'static str, u64>,
-    pub services: Vec<ServiceStatus>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ServiceStatus {
-    pub service: String,
-    pub frontend: String,
-    pub backends: Vec<String>,
-    pub packets: u64,
-    pub bytes: u64,
+    /// When the source saw the change (the start of the sync-latency measurement).
+    pub received: Instant,
 }
 
 /// The agent's state.
@@ -79,8 +59,9 @@ pub struct Agent {
     datapath: Datapath,
     generation: u64,
     fingerprint: Option<u64>,
-    warnings_total: u64,
-    write_errors_total: u64,
+    errors: BTreeMap<&'static str, u64>,
+    sync_latency: Histogram,
+    conntrack_entries: u64,
 }
 
 impl Agent {
@@ -93,8 +74,9 @@ impl Agent {
             datapath,
             generation: 0,
             fingerprint: None,
-            warnings_total: 0,
-            write_errors_total: 0,
+            errors: BTreeMap::new(),
+            sync_latency: Histogram::default(),
+            conntrack_entries: 0,
         }
     }
 
@@ -103,7 +85,7 @@ impl Agent {
         for w in &batch.warnings {
             warn!("{w}");
         }
-        self.warnings_total += batch.warnings.len() as u64;
+        self.count_errors("malformed_object", batch.warnings.len());
         let mut dirty = Dirty::default();
         for event in batch.events {
             dirty.merge(match event {
@@ -122,8 +104,8 @@ impl Agent {
             for e in &report.write_errors {
                 warn!(service = %svc, "map write failed: {e}");
             }
-            self.warnings_total += report.warnings.len() as u64;
-            self.write_errors_total += report.write_errors.len() as u64;
+            self.count_errors("service_skipped", report.warnings.len());
+            self.count_errors("map_write", report.write_errors.len());
             ops += report.ops;
         }
         if dirty.pods {
@@ -131,6 +113,8 @@ impl Agent {
         }
         self.generation += 1;
         self.fingerprint = Some(batch.fingerprint);
+        self.sync_latency
+            .observe(batch.received.elapsed().as_secs_f64());
         info!(
             generation = self.generation,
             services = dirty.services.len(),
@@ -166,7 +150,10 @@ impl Agent {
             match self.datapath.attach(&iface, idx) {
                 Ok(true) => info!(%iface, pods = ?ips, "attached"),
                 Ok(false) => {}
-                Err(e) => warn!(%iface, "attach failed: {e:#}"),
+                Err(e) => {
+                    warn!(%iface, "attach failed: {e:#}");
+                    self.count_errors("attach", 1);
+                }
             }
         }
     }
@@ -182,6 +169,7 @@ impl Agent {
             }
         };
         let mut removed = 0;
+        self.conntrack_entries = entries.len() as u64;
         for (k, v) in entries {
             let lifetime = match (k.proto, v.flags & CT_FLAG_CLOSING != 0) {
                 (PROTO_TCP, true) => CT_TCP_CLOSING,
@@ -194,7 +182,14 @@ impl Agent {
                 removed += 1;
             }
         }
+        self.conntrack_entries -= removed;
         debug!(removed, "conntrack swept");
+    }
+
+    fn count_errors(&mut self, label: &'static str, n: usize) {
+        if n > 0 {
+            *self.errors.entry(label).or_default() += n as u64;
+        }
     }
 
     /// The current status.
@@ -208,10 +203,12 @@ impl Agent {
             .into_iter()
             .map(|(r, n)| (r.label(), n))
             .collect();
+        let mut service_entries = 0;
         let services = self
             .programmer
             .frontends()
             .map(|(svc, spec)| {
+                service_entries += 1 + spec.backends.len() as u64;
                 let stats = self
                     .programmer
                     .rev_nat_id(&spec.frontend)
@@ -230,6 +227,10 @@ impl Agent {
                 }
             })
             .collect();
+        let usage = |entries: u64, capacity: u32| MapUsage {
+            entries,
+            capacity: u64::from(capacity),
+        };
         Status {
             node: self.node.clone(),
             generation: self.generation,
@@ -237,10 +238,21 @@ impl Agent {
             objects: self.index.counts(),
             frontends,
             backends,
+            maps: BTreeMap::from([
+                (
+                    map_names::SERVICES,
+                    usage(service_entries, MAX_SERVICE_ENTRIES),
+                ),
+                (map_names::BACKENDS, usage(backends as u64, MAX_BACKENDS)),
+                (
+                    map_names::CONNTRACK,
+                    usage(self.conntrack_entries, MAX_CONNTRACK),
+                ),
+            ]),
             interfaces: self.datapath.attached().map(str::to_owned).collect(),
-            warnings_total: self.warnings_total,
-            map_write_errors_total: self.write_errors_total,
+            errors: self.errors.clone(),
             drops,
+            sync_latency: self.sync_latency.clone(),
             services,
         }
     }
@@ -265,13 +277,16 @@ fn write_status(path: &std::path::Path, status: &Status) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes the status file if one is configured; a failure is logged, the agent goes on.
-fn report(path: Option<&std::path::Path>, agent: &Agent) {
+/// Publishes the status to the HTTP endpoints and writes the status file if one is configured; a
+/// failure to write is logged, the agent goes on.
+fn report(path: Option<&std::path::Path>, agent: &Agent, tx: &watch::Sender<Arc<Status>>) {
+    let status = Arc::new(agent.status());
     if let Some(path) = path
-        && let Err(e) = write_status(path, &agent.status())
+        && let Err(e) = write_status(path, &status)
     {
         warn!("cannot write status: {e:#}");
     }
+    tx.send_replace(status);
 }
 
 /// Polls the manifests directory and sends a batch whenever something changed.
@@ -288,6 +303,7 @@ async fn watch_manifests(dir: PathBuf, poll: Duration, tx: mpsc::Sender<Batch>) 
                     events: scan.events,
                     warnings: scan.warnings,
                     fingerprint: scan.fingerprint,
+                    received: Instant::now(),
                 };
                 if tx.send(batch).await.is_err() {
                     return;
@@ -314,6 +330,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut agent = Agent::new(config.node_name.clone(), datapath);
     info!(node = %config.node_name, manifests = %config.manifests.display(), "agent started");
 
+    let (status_tx, status_rx) = watch::channel(Arc::new(agent.status()));
+    if let Some(addr) = config.http_bind {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the HTTP endpoints to {addr}"))?;
+        info!(%addr, "serving /healthz, /readyz, /metrics");
+        tokio::spawn(crate::http::serve(listener, status_rx));
+    }
     let (tx, mut rx) = mpsc::channel(16);
     tokio::spawn(watch_manifests(config.manifests.clone(), config.poll, tx));
     let mut every_second = tokio::time::interval(Duration::from_secs(1));
@@ -323,11 +347,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::select! {
             Some(batch) = rx.recv() => {
                 agent.apply(batch);
-                report(config.status_file.as_deref(), &agent);
+                report(config.status_file.as_deref(), &agent, &status_tx);
             }
             _ = every_second.tick() => {
                 agent.sync_interfaces();
-                report(config.status_file.as_deref(), &agent);
+                report(config.status_file.as_deref(), &agent, &status_tx);
             }
             _ = gc.tick() => agent.gc_conntrack(),
             _ = tokio::signal::ctrl_c() => break,

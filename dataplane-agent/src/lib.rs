@@ -3,8 +3,10 @@ pub mod agent;
 pub mod datapath;
 pub mod diff;
 pub mod ebpf;
+pub mod http;
 pub mod interfaces;
 pub mod manifests;
+pub mod metrics;
 pub mod model;
 pub mod program;
 #[cfg(test)]

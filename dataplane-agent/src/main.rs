@@ -28,6 +28,9 @@ enum Command {
         /// How often the manifests directory is checked for changes, in milliseconds.
         #[arg(long, default_value_t = 100)]
         poll_ms: u64,
+        /// Address for /healthz, /readyz and /metrics (loopback by default, as kube-proxy's metrics).
+        #[arg(long, default_value = "127.0.0.1:10256")]
+        http_bind_address: std::net::SocketAddr,
     },
 }
 
@@ -46,12 +49,14 @@ fn main() -> anyhow::Result<()> {
             manifests,
             status_file,
             poll_ms,
+            http_bind_address,
         } => {
             let config = Config {
                 node_name,
                 manifests,
                 status_file,
                 poll: Duration::from_millis(poll_ms),
+                http_bind: Some(http_bind_address),
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

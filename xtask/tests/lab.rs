@@ -318,6 +318,46 @@ fn clusterip_from_both_nodes_reaches_every_ready_backend_with_the_client_address
         0,
         "no checksum errors anywhere in the lab"
     );
+    // The agent's metrics, over HTTP inside its node's namespace, count the traffic just sent
+    // (counters are refreshed every second).
+    let node_ns = lab.state()["nodes"][0]["netns"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut web_packets = 0;
+    for _ in 0..30 {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node_ns,
+                "curl",
+                "-sS",
+                "-m",
+                "3",
+                "http://127.0.0.1:10256/metrics",
+            ])
+            .output()
+            .unwrap();
+        let metrics = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            metrics.lines().any(|l| l == "dataplane_ready 1"),
+            "{metrics}"
+        );
+        web_packets = metrics
+            .lines()
+            .find(|l| l.starts_with("dataplane_service_packets_total{service=\"t/web\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .expect("web service counter");
+        if web_packets >= 40 * 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        web_packets >= 40 * 3,
+        "client-a's 40 connections went through node-a: {web_packets}"
+    );
 }
 
 /// A keep-alive HTTP connection opened from inside a pod's namespace.

@@ -1,0 +1,273 @@
+//! What the agent reports: the status (JSON, for the status file and the lab) and its Prometheus
+//! text rendering (for `/metrics`).
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// Upper bounds (seconds) of the sync-latency histogram buckets.
+const LATENCY_BOUNDS: [f64; 12] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+];
+
+/// A Prometheus-style histogram (per-bucket counts; rendered cumulatively).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Histogram {
+    pub bounds: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            bounds: LATENCY_BOUNDS.to_vec(),
+            counts: vec![0; LATENCY_BOUNDS.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&mut self, seconds: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| seconds <= *b) {
+            self.counts[i] += 1;
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
+}
+
+/// Entries and capacity of one map.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct MapUsage {
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// Per-service-port traffic.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ServiceStatus {
+    pub service: String,
+    pub frontend: String,
+    pub backends: Vec<String>,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// What the agent reports about itself.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Status {
+    pub node: String,
+    /// Number of batches fully programmed so far; 0 until the first full sync is programmed.
+    pub generation: u64,
+    /// Fingerprint of the source state the maps now reflect (hex), once programmed.
+    pub fingerprint: Option<String>,
+    pub objects: BTreeMap<&'static str, usize>,
+    pub frontends: usize,
+    pub backends: usize,
+    pub maps: BTreeMap<&'static str, MapUsage>,
+    pub interfaces: Vec<String>,
+    /// Problems by label: skipped objects, map write and attach failures.
+    pub errors: BTreeMap<&'static str, u64>,
+    pub drops: BTreeMap<&'static str, u64>,
+    /// Time from a change being received to its map writes being done.
+    pub sync_latency: Histogram,
+    pub services: Vec<ServiceStatus>,
+}
+
+impl Status {
+    /// Ready once the first full sync is programmed.
+    #[must_use]
+    pub fn ready(&self) -> bool {
+        self.generation > 0
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Renders the status in the Prometheus text exposition format.
+#[must_use]
+pub fn render(s: &Status) -> String {
+    let mut o = String::new();
+    let family = |o: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family(
+        &mut o,
+        "dataplane_ready",
+        "gauge",
+        "1 once the first full sync is programmed.",
+    );
+    let _ = writeln!(o, "dataplane_ready {}", u8::from(s.ready()));
+    family(
+        &mut o,
+        "dataplane_programmed_generation",
+        "counter",
+        "Batches of changes fully programmed.",
+    );
+    let _ = writeln!(o, "dataplane_programmed_generation {}", s.generation);
+    family(
+        &mut o,
+        "dataplane_objects",
+        "gauge",
+        "Objects known to the agent, by kind.",
+    );
+    for (kind, n) in &s.objects {
+        let _ = writeln!(o, "dataplane_objects{{kind=\"{kind}\"}} {n}");
+    }
+    family(
+        &mut o,
+        "dataplane_map_entries",
+        "gauge",
+        "Entries in each BPF map.",
+    );
+    for (map, u) in &s.maps {
+        let _ = writeln!(o, "dataplane_map_entries{{map=\"{map}\"}} {}", u.entries);
+    }
+    family(
+        &mut o,
+        "dataplane_map_capacity",
+        "gauge",
+        "Capacity (max entries) of each BPF map.",
+    );
+    for (map, u) in &s.maps {
+        let _ = writeln!(o, "dataplane_map_capacity{{map=\"{map}\"}} {}", u.capacity);
+    }
+    family(
+        &mut o,
+        "dataplane_attached_interfaces",
+        "gauge",
+        "Pod interfaces with the programs attached.",
+    );
+    let _ = writeln!(o, "dataplane_attached_interfaces {}", s.interfaces.len());
+    family(
+        &mut o,
+        "dataplane_sync_latency_seconds",
+        "histogram",
+        "Time from a change being received to its map writes being done.",
+    );
+    let mut cumulative = 0;
+    for (bound, n) in s.sync_latency.bounds.iter().zip(&s.sync_latency.counts) {
+        cumulative += n;
+        let _ = writeln!(
+            o,
+            "dataplane_sync_latency_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
+        );
+    }
+    let _ = writeln!(
+        o,
+        "dataplane_sync_latency_seconds_bucket{{le=\"+Inf\"}} {}",
+        s.sync_latency.count
+    );
+    let _ = writeln!(
+        o,
+        "dataplane_sync_latency_seconds_sum {}",
+        s.sync_latency.sum
+    );
+    let _ = writeln!(
+        o,
+        "dataplane_sync_latency_seconds_count {}",
+        s.sync_latency.count
+    );
+    family(
+        &mut o,
+        "dataplane_drops_total",
+        "counter",
+        "Packets dropped or rejected by the datapath, by reason.",
+    );
+    for (reason, n) in &s.drops {
+        let _ = writeln!(o, "dataplane_drops_total{{reason=\"{reason}\"}} {n}");
+    }
+    family(
+        &mut o,
+        "dataplane_errors_total",
+        "counter",
+        "Problems the agent met, by label.",
+    );
+    for (label, n) in &s.errors {
+        let _ = writeln!(o, "dataplane_errors_total{{label=\"{label}\"}} {n}");
+    }
+    family(
+        &mut o,
+        "dataplane_service_packets_total",
+        "counter",
+        "Packets sent towards each service frontend.",
+    );
+    for svc in &s.services {
+        let _ = writeln!(
+            o,
+            "dataplane_service_packets_total{{service=\"{}\",frontend=\"{}\"}} {}",
+            esc(&svc.service),
+            esc(&svc.frontend),
+            svc.packets
+        );
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_render_cumulatively() {
+        let mut s = Status::default();
+        s.sync_latency.observe(0.000_05);
+        s.sync_latency.observe(0.003);
+        s.sync_latency.observe(7.0);
+        let text = render(&s);
+        assert!(text.contains("dataplane_sync_latency_seconds_bucket{le=\"0.0001\"} 1\n"));
+        assert!(text.contains("dataplane_sync_latency_seconds_bucket{le=\"0.005\"} 2\n"));
+        assert!(text.contains("dataplane_sync_latency_seconds_bucket{le=\"1\"} 2\n"));
+        assert!(text.contains("dataplane_sync_latency_seconds_bucket{le=\"+Inf\"} 3\n"));
+        assert!(text.contains("dataplane_sync_latency_seconds_count 3\n"));
+        assert!(text.contains("dataplane_ready 0\n"));
+    }
+
+    #[test]
+    fn every_sample_line_belongs_to_a_declared_family() {
+        let mut s = Status::default();
+        s.objects.insert("Service", 2);
+        s.errors.insert("map_write", 1);
+        s.drops.insert("malformed", 3);
+        s.maps.insert(
+            "SERVICES_V1",
+            MapUsage {
+                entries: 5,
+                capacity: 10,
+            },
+        );
+        s.services.push(ServiceStatus {
+            service: "ns/a\"b".into(),
+            frontend: "10.96.0.1:80/TCP".into(),
+            backends: vec![],
+            packets: 4,
+            bytes: 9,
+        });
+        let text = render(&s);
+        let families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(
+                families.iter().any(|f| name == *f
+                    || name
+                        .strip_prefix(f)
+                        .is_some_and(|r| ["_bucket", "_sum", "_count"].contains(&r))),
+                "{line}"
+            );
+        }
+        assert!(text.contains("service=\"ns/a\\\"b\""));
+        assert!(text.contains("dataplane_map_capacity{map=\"SERVICES_V1\"} 10"));
+    }
+}
