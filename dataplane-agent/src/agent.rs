@@ -34,11 +34,20 @@ const CT_UDP: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct Config {
     pub node_name: String,
-    pub manifests: PathBuf,
+    pub source: Source,
     pub status_file: Option<PathBuf>,
     pub poll: Duration,
     /// Where `/healthz`, `/readyz` and `/metrics` are served; `None` serves nothing.
     pub http_bind: Option<std::net::SocketAddr>,
+}
+
+/// Where the objects come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A directory of YAML manifests, polled.
+    Manifests(PathBuf),
+    /// The Kubernetes API: a kubeconfig file, or the in-cluster configuration when `None`.
+    Kubernetes { kubeconfig: Option<PathBuf> },
 }
 
 /// One batch of changes from a source; `fingerprint` identifies the source state it leads to.
@@ -328,7 +337,7 @@ async fn watch_manifests(dir: PathBuf, poll: Duration, tx: mpsc::Sender<Batch>) 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let datapath = Datapath::load()?;
     let mut agent = Agent::new(config.node_name.clone(), datapath);
-    info!(node = %config.node_name, manifests = %config.manifests.display(), "agent started");
+    info!(node = %config.node_name, source = ?config.source, "agent started");
 
     let (status_tx, status_rx) = watch::channel(Arc::new(agent.status()));
     if let Some(addr) = config.http_bind {
@@ -339,7 +348,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(crate::http::serve(listener, status_rx));
     }
     let (tx, mut rx) = mpsc::channel(16);
-    tokio::spawn(watch_manifests(config.manifests.clone(), config.poll, tx));
+    match &config.source {
+        Source::Manifests(dir) => {
+            tokio::spawn(watch_manifests(dir.clone(), config.poll, tx));
+        }
+        Source::Kubernetes { kubeconfig } => {
+            let client = crate::kube_source::client(kubeconfig.clone()).await?;
+            tokio::spawn(crate::kube_source::run(client, tx));
+        }
+    }
     let mut every_second = tokio::time::interval(Duration::from_secs(1));
     let mut gc = tokio::time::interval(Duration::from_secs(10));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -5,6 +5,7 @@ pub mod diff;
 pub mod ebpf;
 pub mod http;
 pub mod interfaces;
+pub mod kube_source;
 pub mod manifests;
 pub mod metrics;
 pub mod model;

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use dataplane_agent::agent::{Config, run};
+use dataplane_agent::agent::{Config, Source, run};
 
 #[derive(Parser)]
 #[command(version, about = "eBPF kube-proxy replacement: per-node agent")]
@@ -14,14 +14,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Program this node's datapath from a source of Kubernetes objects and keep it in sync.
+    /// Program this node's datapath from the Kubernetes API (or a manifests directory) and keep it
+    /// in sync.
     Run {
         /// This node's name (Pods with this spec.nodeName are local).
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
-        /// Directory of Kubernetes YAML manifests to read and watch.
+        /// Directory of Kubernetes YAML manifests to read and watch instead of the API server.
+        #[arg(long, conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// Kubeconfig for the API server; without it (and without --manifests) the in-cluster
+        /// configuration is used.
         #[arg(long)]
-        manifests: PathBuf,
+        kubeconfig: Option<PathBuf>,
         /// Where to write status JSON (programmed generation, manifest fingerprint, counters).
         #[arg(long)]
         status_file: Option<PathBuf>,
@@ -47,13 +52,17 @@ fn main() -> anyhow::Result<()> {
         Command::Run {
             node_name,
             manifests,
+            kubeconfig,
             status_file,
             poll_ms,
             http_bind_address,
         } => {
             let config = Config {
                 node_name,
-                manifests,
+                source: match manifests {
+                    Some(dir) => Source::Manifests(dir),
+                    None => Source::Kubernetes { kubeconfig },
+                },
                 status_file,
                 poll: Duration::from_millis(poll_ms),
                 http_bind: Some(http_bind_address),

@@ -242,15 +242,7 @@ fn to_object(index: usize, value: serde_yaml::Value) -> Option<Result<Object, Ba
     };
     let api_version = field(&["apiVersion"]).unwrap_or_default();
     let kind_name = field(&["kind"]).unwrap_or_default();
-    let kind = match (api_version.as_str(), kind_name.as_str()) {
-        ("v1", "Service") => Kind::Service,
-        ("v1", "Pod") => Kind::Pod,
-        ("v1", "Namespace") => Kind::Namespace,
-        ("v1", "Node") => Kind::Node,
-        ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
-        ("networking.k8s.io/v1", "NetworkPolicy") => Kind::NetworkPolicy,
-        _ => return None,
-    };
+    let kind = Kind::from_type(&api_version, &kind_name)?;
     let Some(name) = field(&["metadata", "name"]) else {
         return Some(Err(BadDocument {
             key: None,
@@ -260,37 +252,17 @@ fn to_object(index: usize, value: serde_yaml::Value) -> Option<Result<Object, Ba
             ),
         }));
     };
-    let namespace = match kind {
-        Kind::Namespace | Kind::Node => String::new(),
-        _ => field(&["metadata", "namespace"]).unwrap_or_else(|| "default".to_owned()),
+    let namespace = if kind.is_namespaced() {
+        field(&["metadata", "namespace"]).unwrap_or_else(|| "default".to_owned())
+    } else {
+        String::new()
     };
     let key = ObjectKey {
         kind,
         namespace,
         name,
     };
-    let parsed = match kind {
-        Kind::Service => {
-            serde_yaml::from_value::<k8s_openapi::api::core::v1::Service>(value).map(Object::from)
-        }
-        Kind::Pod => {
-            serde_yaml::from_value::<k8s_openapi::api::core::v1::Pod>(value).map(Object::from)
-        }
-        Kind::Namespace => {
-            serde_yaml::from_value::<k8s_openapi::api::core::v1::Namespace>(value).map(Object::from)
-        }
-        Kind::Node => {
-            serde_yaml::from_value::<k8s_openapi::api::core::v1::Node>(value).map(Object::from)
-        }
-        Kind::EndpointSlice => {
-            serde_yaml::from_value::<k8s_openapi::api::discovery::v1::EndpointSlice>(value)
-                .map(Object::from)
-        }
-        Kind::NetworkPolicy => {
-            serde_yaml::from_value::<k8s_openapi::api::networking::v1::NetworkPolicy>(value)
-                .map(Object::from)
-        }
-    };
+    let parsed = serde_json::to_value(&value).and_then(|v| Object::parse(kind, v));
     Some(parsed.map_err(|e| BadDocument {
         warning: format!("{key} is malformed, skipped (previous version kept): {e}"),
         key: Some(key),

@@ -28,6 +28,35 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Pod,
+        Kind::Namespace,
+        Kind::Node,
+        Kind::NetworkPolicy,
+    ];
+
+    /// The kind of an `apiVersion` and `kind` pair, if the agent watches it.
+    #[must_use]
+    pub fn from_type(api_version: &str, kind: &str) -> Option<Kind> {
+        Some(match (api_version, kind) {
+            ("v1", "Service") => Kind::Service,
+            ("v1", "Pod") => Kind::Pod,
+            ("v1", "Namespace") => Kind::Namespace,
+            ("v1", "Node") => Kind::Node,
+            ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
+            ("networking.k8s.io/v1", "NetworkPolicy") => Kind::NetworkPolicy,
+            _ => return None,
+        })
+    }
+
+    /// Namespaces and Nodes are cluster-scoped; the rest live in namespaces.
+    #[must_use]
+    pub fn is_namespaced(self) -> bool {
+        !matches!(self, Kind::Namespace | Kind::Node)
+    }
+
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
@@ -95,22 +124,52 @@ macro_rules! object_from {
 object_from!(Service, EndpointSlice, Pod, Namespace, Node, NetworkPolicy);
 
 impl Object {
+    /// Parses a JSON object of a kind the agent watches into its typed form.
+    ///
+    /// # Errors
+    /// The value does not match the kind's schema.
+    pub fn parse(kind: Kind, value: serde_json::Value) -> Result<Object, serde_json::Error> {
+        use serde_json::from_value;
+        Ok(match kind {
+            Kind::Service => Object::from(from_value::<Service>(value)?),
+            Kind::EndpointSlice => Object::from(from_value::<EndpointSlice>(value)?),
+            Kind::Pod => Object::from(from_value::<Pod>(value)?),
+            Kind::Namespace => Object::from(from_value::<Namespace>(value)?),
+            Kind::Node => Object::from(from_value::<Node>(value)?),
+            Kind::NetworkPolicy => Object::from(from_value::<NetworkPolicy>(value)?),
+        })
+    }
+
+    /// The object's metadata.
+    #[must_use]
+    pub fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::Namespace(o) => &o.metadata,
+            Object::Node(o) => &o.metadata,
+            Object::NetworkPolicy(o) => &o.metadata,
+        }
+    }
+
     #[must_use]
     pub fn key(&self) -> ObjectKey {
-        let (kind, meta) = match self {
-            Object::Service(o) => (Kind::Service, &o.metadata),
-            Object::EndpointSlice(o) => (Kind::EndpointSlice, &o.metadata),
-            Object::Pod(o) => (Kind::Pod, &o.metadata),
-            Object::Namespace(o) => (Kind::Namespace, &o.metadata),
-            Object::Node(o) => (Kind::Node, &o.metadata),
-            Object::NetworkPolicy(o) => (Kind::NetworkPolicy, &o.metadata),
+        let kind = match self {
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::Pod(_) => Kind::Pod,
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Node(_) => Kind::Node,
+            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
         };
-        let namespace = match kind {
-            Kind::Namespace | Kind::Node => String::new(),
-            _ => meta
-                .namespace
+        let meta = self.meta();
+        let namespace = if kind.is_namespaced() {
+            meta.namespace
                 .clone()
-                .unwrap_or_else(|| "default".to_owned()),
+                .unwrap_or_else(|| "default".to_owned())
+        } else {
+            String::new()
         };
         ObjectKey {
             kind,
