@@ -1,0 +1,279 @@
+//! The Kubernetes source against the API's wire format: a real kube-rs client talks HTTP to a
+//! loopback server that replays recorded list and watch responses (initial list, added / modified
+//! / deleted events, a bookmark, a dropped watch, 410 Gone and the relist that follows). The
+//! batches it produces go through the index and programmer into in-memory maps, and both are
+//! checked: a relist removes exactly what vanished and leaves the rest untouched.
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dataplane_agent::agent::Batch;
+use dataplane_agent::diff::MapState;
+use dataplane_agent::kube_source;
+use dataplane_agent::manifests::Event;
+use dataplane_agent::model::{Index, NsName};
+use dataplane_agent::program::Programmer;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+fn service(name: &str, rv: &str, ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "ns", "resourceVersion": rv,
+                     "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+        "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+    })
+}
+
+fn list(kind: &str, rv: &str, items: Vec<Value>) -> String {
+    json!({"apiVersion": "v1", "kind": format!("{kind}List"), "metadata": {"resourceVersion": rv}, "items": items})
+        .to_string()
+}
+
+fn watch_event(ty: &str, object: Value) -> String {
+    json!({"type": ty, "object": object}).to_string() + "\n"
+}
+
+/// What the fake API server answers, per request of the Services resource.
+enum Reply {
+    Body(String),
+    /// A watch stream: these lines, then the connection closes (a dropped watch).
+    Stream(Vec<String>),
+    /// A watch that stays open and silent.
+    Hang,
+}
+
+#[derive(Default)]
+struct Script {
+    lists: Vec<String>,
+    watches: Vec<Reply>,
+    seen: Vec<String>,
+}
+
+async fn respond(mut stream: TcpStream, script: Arc<Mutex<Script>>) {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&request).into_owned();
+    let target = head
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    let is_watch = target.contains("watch=true");
+    let reply = if target.starts_with("/api/v1/services") {
+        let mut s = script.lock().unwrap();
+        s.seen.push(target.clone());
+        if is_watch {
+            if s.watches.is_empty() {
+                Reply::Hang
+            } else {
+                s.watches.remove(0)
+            }
+        } else {
+            Reply::Body(s.lists.remove(0))
+        }
+    } else if is_watch {
+        Reply::Hang
+    } else {
+        let kind = if target.contains("endpointslices") {
+            "EndpointSlice"
+        } else if target.contains("networkpolicies") {
+            "NetworkPolicy"
+        } else {
+            "Object"
+        };
+        Reply::Body(list(kind, "1", vec![]))
+    };
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n";
+    match reply {
+        Reply::Body(body) => {
+            let _ = stream
+                .write_all(format!("{head}Content-Length: {}\r\n\r\n{body}", body.len()).as_bytes())
+                .await;
+        }
+        Reply::Stream(lines) => {
+            let _ = stream.write_all(format!("{head}\r\n").as_bytes()).await;
+            for line in lines {
+                let _ = stream.write_all(line.as_bytes()).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Reply::Hang => {
+            let _ = stream.write_all(format!("{head}\r\n").as_bytes()).await;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    }
+}
+
+fn describe(events: &[Event]) -> Vec<String> {
+    let mut out: Vec<String> = events
+        .iter()
+        .map(|e| match e {
+            Event::Apply(o) => format!(
+                "apply {}@{}",
+                o.key().name,
+                o.meta().resource_version.as_deref().unwrap_or("")
+            ),
+            Event::Delete(k) => format!("delete {}", k.name),
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The frontends in the maps, as "address -> service rev-nat id present".
+fn frontends(maps: &MapState) -> Vec<String> {
+    maps.services
+        .keys()
+        .filter(|k| k.slot == 0)
+        .map(|k| std::net::Ipv4Addr::from(k.addr.to_ne_bytes()).to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_watch_bookmark_gone_relist_and_dropped_watch() {
+    let script = Arc::new(Mutex::new(Script {
+        lists: vec![
+            list(
+                "Service",
+                "10",
+                vec![
+                    service("a", "1", "10.96.0.1"),
+                    service("b", "2", "10.96.0.2"),
+                ],
+            ),
+            // After 410 Gone: b is gone, a is unchanged, c changed, d is new.
+            list(
+                "Service",
+                "20",
+                vec![
+                    service("a", "12", "10.96.0.1"),
+                    service("c", "15", "10.96.0.33"),
+                    service("d", "16", "10.96.0.4"),
+                ],
+            ),
+        ],
+        watches: vec![
+            Reply::Stream(vec![
+                watch_event("ADDED", service("c", "11", "10.96.0.3")),
+                watch_event("MODIFIED", service("a", "12", "10.96.0.1")),
+                watch_event(
+                    "BOOKMARK",
+                    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"resourceVersion": "13"}}),
+                ),
+                watch_event("DELETED", service("b", "14", "10.96.0.2")),
+            ]),
+            // The dropped watch is resumed from the last version seen, and that is too old.
+            Reply::Stream(vec![watch_event(
+                "ERROR",
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired",
+                       "message": "too old resource version: 14 (17)", "code": 410}),
+            )]),
+        ],
+        seen: Vec::new(),
+    }));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server_script = script.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(respond(stream, server_script.clone()));
+        }
+    });
+
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(64);
+    tokio::spawn(kube_source::run(client, tx));
+
+    let mut index = Index::default();
+    let mut programmer = Programmer::default();
+    let mut maps = MapState::default();
+    let mut batches: Vec<Vec<String>> = Vec::new();
+    let mut last_fingerprint = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !batches.iter().flatten().any(|e| e == "apply d@16") {
+        let batch = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("the source converges within 20 s")
+            .expect("source running");
+        batches.push(describe(&batch.events));
+        last_fingerprint = batch.fingerprint;
+        let mut dirty = dataplane_agent::model::Dirty::default();
+        for e in batch.events {
+            dirty.merge(match e {
+                Event::Apply(o) => index.apply(o),
+                Event::Delete(k) => index.delete(&k),
+            });
+        }
+        for svc in &dirty.services {
+            programmer.sync_service(&index, svc, &mut maps);
+        }
+    }
+
+    assert_eq!(
+        batches[0],
+        ["apply a@1", "apply b@2"],
+        "the first batch is the full initial list"
+    );
+    let all: Vec<String> = batches.concat();
+    let rest = &all[2..];
+    assert_eq!(
+        rest,
+        [
+            "apply c@11",
+            "apply a@12",
+            "delete b",
+            "apply c@15",
+            "apply d@16"
+        ],
+        "watch events in order; the relist adds d, changes c, and leaves a alone (no flapping)"
+    );
+    let names: Vec<&String> = index.services.keys().map(|k: &NsName| &k.name).collect();
+    assert_eq!(names, ["a", "c", "d"]);
+    assert!(
+        index
+            .services
+            .values()
+            .all(|s| s.metadata.managed_fields.is_none()),
+        "managedFields stripped"
+    );
+    assert_eq!(frontends(&maps), ["10.96.0.1", "10.96.0.4", "10.96.0.33"]);
+    let expect = [("a", "12"), ("c", "15"), ("d", "16")]
+        .iter()
+        .fold(0, |acc, (n, rv)| {
+            let key = dataplane_agent::model::ObjectKey {
+                kind: dataplane_agent::model::Kind::Service,
+                namespace: "ns".into(),
+                name: (*n).into(),
+            };
+            acc ^ kube_source::object_digest(&key, rv)
+        });
+    assert_eq!(
+        last_fingerprint, expect,
+        "the digest names exactly the listed versions"
+    );
+
+    let seen = script.lock().unwrap().seen.clone();
+    let watches: Vec<&String> = seen.iter().filter(|t| t.contains("watch=true")).collect();
+    assert!(watches[0].contains("resourceVersion=10"), "{watches:?}");
+    assert!(
+        watches[1].contains("resourceVersion=13") || watches[1].contains("resourceVersion=14"),
+        "resumed after the drop: {watches:?}"
+    );
+    assert!(
+        watches
+            .iter()
+            .all(|w| w.contains("allowWatchBookmarks=true"))
+    );
+    assert_eq!(
+        seen.iter().filter(|t| !t.contains("watch=true")).count(),
+        2,
+        "one initial list, one relist after 410"
+    );
+}
