@@ -262,6 +262,18 @@ fn api_resource(kind: Kind) -> ApiResource {
     }
 }
 
+/// The API group and resource of every watched kind: what the agent's RBAC role must allow.
+#[must_use]
+pub fn watched_resources() -> Vec<(String, String)> {
+    Kind::ALL
+        .iter()
+        .map(|k| {
+            let r = api_resource(*k);
+            (r.group, r.plural)
+        })
+        .collect()
+}
+
 /// Watches one kind forever (with kube-rs' default backoff on errors), forwarding its events.
 async fn watch_kind(client: Client, kind: Kind, tx: mpsc::Sender<(Kind, KindEvent)>) {
     let api: Api<DynamicObject> = Api::all_with(client, &api_resource(kind));

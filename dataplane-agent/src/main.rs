@@ -28,13 +28,17 @@ enum Command {
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
         /// Where to write status JSON (programmed generation, manifest fingerprint, counters).
-        #[arg(long)]
+        #[arg(long, env = "DATAPLANE_STATUS_FILE")]
         status_file: Option<PathBuf>,
         /// How often the manifests directory is checked for changes, in milliseconds.
         #[arg(long, default_value_t = 100)]
         poll_ms: u64,
         /// Address for /healthz, /readyz and /metrics (loopback by default, as kube-proxy's metrics).
-        #[arg(long, default_value = "127.0.0.1:10256")]
+        #[arg(
+            long,
+            env = "DATAPLANE_HTTP_BIND_ADDRESS",
+            default_value = "127.0.0.1:10256"
+        )]
         http_bind_address: std::net::SocketAddr,
     },
 }

@@ -1,0 +1,191 @@
+//! `deploy/` holds valid Kubernetes objects with the fields that matter: RBAC exactly as wide as
+//! the watches, capabilities instead of privileged, probes on the agent's endpoints, the mounts,
+//! and configuration the agent actually reads.
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{ConfigMap, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use serde::de::DeserializeOwned;
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn load<T: DeserializeOwned>(file: &str) -> T {
+    let text = std::fs::read_to_string(deploy().join(file)).unwrap();
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{file} is not a valid object: {e}"))
+}
+
+#[test]
+fn cluster_role_allows_exactly_reading_the_watched_kinds() {
+    let role: ClusterRole = load("clusterrole.yaml");
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.unwrap() {
+        let verbs: BTreeSet<&str> = rule.verbs.iter().map(String::as_str).collect();
+        assert_eq!(
+            verbs,
+            ["get", "list", "watch"].into(),
+            "read-only verbs only"
+        );
+        for group in rule.api_groups.unwrap() {
+            for resource in rule.resources.clone().unwrap() {
+                assert!(resource != "*" && group != "*" && resource != "secrets");
+                granted.insert((group.clone(), resource));
+            }
+        }
+    }
+    let watched: BTreeSet<(String, String)> = dataplane_agent::kube_source::watched_resources()
+        .into_iter()
+        .collect();
+    assert_eq!(granted, watched);
+
+    let binding: ClusterRoleBinding = load("clusterrolebinding.yaml");
+    let sa: ServiceAccount = load("serviceaccount.yaml");
+    assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
+    let subject = &binding.subjects.unwrap()[0];
+    assert_eq!(
+        (subject.kind.as_str(), Some(subject.name.clone())),
+        ("ServiceAccount", sa.metadata.name)
+    );
+    assert_eq!(subject.namespace, sa.metadata.namespace);
+}
+
+#[test]
+fn daemonset_replaces_kube_proxy_with_least_privilege() {
+    let ds: DaemonSet = load("daemonset.yaml");
+    let spec = ds.spec.unwrap();
+    let rolling = spec.update_strategy.unwrap().rolling_update.unwrap();
+    assert_eq!(
+        rolling.max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    let pod = spec.template.spec.unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    let sa: ServiceAccount = load("serviceaccount.yaml");
+    assert_eq!(pod.service_account_name, sa.metadata.name);
+    assert!(
+        pod.tolerations
+            .unwrap()
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+        "tolerates every taint"
+    );
+
+    let agent = &pod.containers[0];
+    let node_name = agent
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_NAME")
+        .unwrap();
+    let field = node_name
+        .value_from
+        .as_ref()
+        .unwrap()
+        .field_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        field.field_path, "spec.nodeName",
+        "NODE_NAME from the downward API"
+    );
+
+    let sc = agent.security_context.as_ref().unwrap();
+    assert_ne!(sc.privileged, Some(true), "capabilities, not privileged");
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
+    assert!(
+        added.is_subset(&["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"].into()),
+        "{added:?}"
+    );
+    assert!(added.contains("BPF") && added.contains("NET_ADMIN"));
+    let text = std::fs::read_to_string(deploy().join("daemonset.yaml")).unwrap();
+    for cap in &added {
+        assert!(
+            text.contains(&format!("# {cap}:")),
+            "the manifest says why {cap} is there"
+        );
+    }
+
+    let config: ConfigMap = load("configmap.yaml");
+    let bind = &config.data.as_ref().unwrap()["DATAPLANE_HTTP_BIND_ADDRESS"];
+    let port: i32 = bind.rsplit(':').next().unwrap().parse().unwrap();
+    for (probe, path) in [
+        (&agent.readiness_probe, "/readyz"),
+        (&agent.liveness_probe, "/healthz"),
+    ] {
+        let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port)
+        );
+        assert_eq!(
+            get.host.as_deref(),
+            Some(bind.rsplit_once(':').unwrap().0),
+            "probes reach the bind address"
+        );
+    }
+    assert!(agent.resources.as_ref().unwrap().requests.is_some());
+
+    let volumes = pod.volumes.unwrap();
+    for (path, mount) in [
+        ("/sys/fs/bpf", "/sys/fs/bpf"),
+        ("/run/dataplane", "/run/dataplane"),
+    ] {
+        let v = volumes
+            .iter()
+            .find(|v| v.host_path.as_ref().is_some_and(|h| h.path == path))
+            .unwrap();
+        assert!(
+            agent
+                .volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == v.name && m.mount_path == mount)
+        );
+    }
+    assert!(config.data.unwrap()["DATAPLANE_STATUS_FILE"].starts_with("/run/dataplane/"));
+}
+
+#[test]
+fn configmap_keys_are_read_by_the_agent() {
+    let config: ConfigMap = load("configmap.yaml");
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_dataplane-agent"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for key in config.data.unwrap().keys().filter(|k| *k != "RUST_LOG") {
+        assert!(
+            help.contains(&format!("env: {key}=")),
+            "the agent does not read {key}:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn kustomization_lists_every_manifest() {
+    let k: serde_yaml::Value = load("kustomization.yaml");
+    let listed: BTreeSet<String> = k["resources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_owned())
+        .collect();
+    let files: BTreeSet<String> = std::fs::read_dir(deploy())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+        .collect();
+    assert_eq!(listed, files);
+}
