@@ -1,5 +1,6 @@
 //! The per-node agent: objects in, BPF map entries out.
 pub mod agent;
+pub mod cleanup;
 pub mod datapath;
 pub mod diff;
 pub mod ebpf;

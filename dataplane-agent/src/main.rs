@@ -41,6 +41,13 @@ enum Command {
         )]
         http_bind_address: std::net::SocketAddr,
     },
+    /// Remove the iptables chains (KUBE-*) and nftables tables (kube-proxy) kube-proxy leaves on
+    /// this node, and report what was removed.
+    CleanupKubeProxy {
+        /// Only report what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,6 +82,22 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(run(config))
+        }
+        Command::CleanupKubeProxy { dry_run } => {
+            let report = dataplane_agent::cleanup::run(dry_run)?;
+            for line in &report {
+                println!("{line}");
+            }
+            println!(
+                "{} kube-proxy objects {}",
+                report.len(),
+                if dry_run {
+                    "found (dry run)"
+                } else {
+                    "removed"
+                }
+            );
+            Ok(())
         }
     }
 }

@@ -16,6 +16,9 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
     "curl",
+    // cleanup-kube-proxy and its test: both iptables backends and nft.
+    "iptables",
+    "nftables",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
