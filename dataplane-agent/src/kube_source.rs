@@ -204,7 +204,9 @@ impl KubeState {
                 for key in vanished {
                     self.remove(&key, &mut out);
                 }
-                for (_, o) in relist {
+                let mut listed: Vec<(ObjectKey, Object)> = relist.into_iter().collect();
+                listed.sort_by(|a, b| a.0.cmp(&b.0));
+                for (_, o) in listed {
                     self.store(o, &mut out);
                 }
                 self.listed.insert(kind);
