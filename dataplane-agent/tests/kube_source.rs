@@ -41,11 +41,15 @@ enum Reply {
     Stream(Vec<String>),
     /// A watch that stays open and silent.
     Hang,
+    /// The connection is closed without an answer (the API server went away).
+    Reset,
+    /// An error status.
+    Status(u16),
 }
 
 #[derive(Default)]
 struct Script {
-    lists: Vec<String>,
+    lists: Vec<Reply>,
     watches: Vec<Reply>,
     seen: Vec<String>,
 }
@@ -69,14 +73,15 @@ async fn respond(mut stream: TcpStream, script: Arc<Mutex<Script>>) {
     let reply = if target.starts_with("/api/v1/services") {
         let mut s = script.lock().unwrap();
         s.seen.push(target.clone());
-        if is_watch {
-            if s.watches.is_empty() {
-                Reply::Hang
-            } else {
-                s.watches.remove(0)
-            }
+        let queue = if is_watch {
+            &mut s.watches
         } else {
-            Reply::Body(s.lists.remove(0))
+            &mut s.lists
+        };
+        if queue.is_empty() {
+            Reply::Hang
+        } else {
+            queue.remove(0)
         }
     } else if is_watch {
         Reply::Hang
@@ -108,6 +113,18 @@ async fn respond(mut stream: TcpStream, script: Arc<Mutex<Script>>) {
             let _ = stream.write_all(format!("{head}\r\n").as_bytes()).await;
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
+        Reply::Reset => {}
+        Reply::Status(code) => {
+            let body =
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code})
+                    .to_string();
+            let _ = stream
+                .write_all(
+                    format!("HTTP/1.1 {code} Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+                        .as_bytes(),
+                )
+                .await;
+        }
     }
 }
 
@@ -134,37 +151,78 @@ fn frontends(maps: &MapState) -> Vec<String> {
         .collect()
 }
 
+/// Serves the script on loopback and runs the Kubernetes source against it.
+async fn start(script: Script) -> (Arc<Mutex<Script>>, tokio::sync::mpsc::Receiver<Batch>) {
+    let script = Arc::new(Mutex::new(script));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server_script = script.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(respond(stream, server_script.clone()));
+        }
+    });
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Batch>(64);
+    tokio::spawn(kube_source::run(client, tx));
+    (script, rx)
+}
+
+/// The index, maps and batches the pipeline ends with, once `until` shows up.
+struct Outcome {
+    index: Index,
+    maps: MapState,
+    batches: Vec<Vec<String>>,
+    fingerprint: u64,
+}
+
+async fn collect(rx: &mut tokio::sync::mpsc::Receiver<Batch>, until: &str) -> Outcome {
+    let mut out = Outcome {
+        index: Index::default(),
+        maps: MapState::default(),
+        batches: Vec::new(),
+        fingerprint: 0,
+    };
+    let mut programmer = Programmer::default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !out.batches.iter().flatten().any(|e| e == until) {
+        let batch = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("the source converges within 30 s")
+            .expect("source running");
+        out.batches.push(describe(&batch.events));
+        out.fingerprint = batch.fingerprint;
+        let mut dirty = dataplane_agent::model::Dirty::default();
+        for e in batch.events {
+            dirty.merge(match e {
+                Event::Apply(o) => out.index.apply(o),
+                Event::Delete(k) => out.index.delete(&k),
+            });
+        }
+        for svc in &dirty.services {
+            programmer.sync_service(&out.index, svc, &mut out.maps);
+        }
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_watch_bookmark_gone_relist_and_dropped_watch() {
-    let script = Arc::new(Mutex::new(Script {
+    let (script, mut rx) = start(Script {
         lists: vec![
-            list(
-                "Service",
-                "10",
-                vec![
-                    service("a", "1", "10.96.0.1"),
-                    service("b", "2", "10.96.0.2"),
-                ],
-            ),
+            Reply::Body(list("Service", "10", vec![service("a", "1", "10.96.0.1"), service("b", "2", "10.96.0.2")])),
             // After 410 Gone: b is gone, a is unchanged, c changed, d is new.
-            list(
+            Reply::Body(list(
                 "Service",
                 "20",
-                vec![
-                    service("a", "12", "10.96.0.1"),
-                    service("c", "15", "10.96.0.33"),
-                    service("d", "16", "10.96.0.4"),
-                ],
-            ),
+                vec![service("a", "12", "10.96.0.1"), service("c", "15", "10.96.0.33"), service("d", "16", "10.96.0.4")],
+            )),
         ],
         watches: vec![
             Reply::Stream(vec![
                 watch_event("ADDED", service("c", "11", "10.96.0.3")),
                 watch_event("MODIFIED", service("a", "12", "10.96.0.1")),
-                watch_event(
-                    "BOOKMARK",
-                    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"resourceVersion": "13"}}),
-                ),
+                watch_event("BOOKMARK", json!({"apiVersion": "v1", "kind": "Service", "metadata": {"resourceVersion": "13"}})),
                 watch_event("DELETED", service("b", "14", "10.96.0.2")),
             ]),
             // The dropped watch is resumed from the last version seen, and that is too old.
@@ -175,53 +233,18 @@ async fn list_watch_bookmark_gone_relist_and_dropped_watch() {
             )]),
         ],
         seen: Vec::new(),
-    }));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let server_script = script.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(respond(stream, server_script.clone()));
-        }
-    });
-
-    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(64);
-    tokio::spawn(kube_source::run(client, tx));
-
-    let mut index = Index::default();
-    let mut programmer = Programmer::default();
-    let mut maps = MapState::default();
-    let mut batches: Vec<Vec<String>> = Vec::new();
-    let mut last_fingerprint = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !batches.iter().flatten().any(|e| e == "apply d@16") {
-        let batch = tokio::time::timeout_at(deadline, rx.recv())
-            .await
-            .expect("the source converges within 20 s")
-            .expect("source running");
-        batches.push(describe(&batch.events));
-        last_fingerprint = batch.fingerprint;
-        let mut dirty = dataplane_agent::model::Dirty::default();
-        for e in batch.events {
-            dirty.merge(match e {
-                Event::Apply(o) => index.apply(o),
-                Event::Delete(k) => index.delete(&k),
-            });
-        }
-        for svc in &dirty.services {
-            programmer.sync_service(&index, svc, &mut maps);
-        }
-    }
+    })
+    .await;
+    let out = collect(&mut rx, "apply d@16").await;
 
     // The first batch waits for every kind's initial list; events that arrive meanwhile join it.
     assert_eq!(
-        batches[0][..2],
+        out.batches[0][..2],
         ["apply a@1", "apply b@2"],
         "the first batch holds the full initial list"
     );
     assert_eq!(
-        batches.concat(),
+        out.batches.concat(),
         [
             "apply a@1",
             "apply b@2",
@@ -233,16 +256,24 @@ async fn list_watch_bookmark_gone_relist_and_dropped_watch() {
         ],
         "watch events in order; the relist adds d, changes c, and leaves a alone (no flapping)"
     );
-    let names: Vec<&String> = index.services.keys().map(|k: &NsName| &k.name).collect();
+    let names: Vec<&String> = out
+        .index
+        .services
+        .keys()
+        .map(|k: &NsName| &k.name)
+        .collect();
     assert_eq!(names, ["a", "c", "d"]);
     assert!(
-        index
+        out.index
             .services
             .values()
             .all(|s| s.metadata.managed_fields.is_none()),
         "managedFields stripped"
     );
-    assert_eq!(frontends(&maps), ["10.96.0.1", "10.96.0.4", "10.96.0.33"]);
+    assert_eq!(
+        frontends(&out.maps),
+        ["10.96.0.1", "10.96.0.4", "10.96.0.33"]
+    );
     let expect = [("a", "12"), ("c", "15"), ("d", "16")]
         .iter()
         .fold(0, |acc, (n, rv)| {
@@ -254,7 +285,7 @@ async fn list_watch_bookmark_gone_relist_and_dropped_watch() {
             acc ^ kube_source::object_digest(&key, rv)
         });
     assert_eq!(
-        last_fingerprint, expect,
+        out.fingerprint, expect,
         "the digest names exactly the listed versions"
     );
 
@@ -274,5 +305,57 @@ async fn list_watch_bookmark_gone_relist_and_dropped_watch() {
         seen.iter().filter(|t| !t.contains("watch=true")).count(),
         2,
         "one initial list, one relist after 410"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_api_server_changes_nothing_and_the_source_reconverges() {
+    let (script, mut rx) = start(Script {
+        lists: vec![
+            Reply::Body(list(
+                "Service",
+                "10",
+                vec![
+                    service("a", "1", "10.96.0.1"),
+                    service("b", "2", "10.96.0.2"),
+                ],
+            )),
+            // Still away when the watcher falls back to listing.
+            Reply::Reset,
+            Reply::Status(503),
+            Reply::Body(list(
+                "Service",
+                "30",
+                vec![
+                    service("a", "1", "10.96.0.1"),
+                    service("e", "25", "10.96.0.5"),
+                ],
+            )),
+        ],
+        watches: vec![
+            // The watch drops, then the server is gone for a while.
+            Reply::Stream(vec![]),
+            Reply::Reset,
+            Reply::Status(503),
+            Reply::Reset,
+            Reply::Stream(vec![watch_event(
+                "ERROR",
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410}),
+            )]),
+        ],
+        seen: Vec::new(),
+    })
+    .await;
+    let out = collect(&mut rx, "apply e@25").await;
+    let events = out.batches.concat();
+    assert_eq!(
+        events,
+        ["apply a@1", "apply b@2", "delete b", "apply e@25"],
+        "nothing changed during the outage"
+    );
+    assert_eq!(frontends(&out.maps), ["10.96.0.1", "10.96.0.5"]);
+    assert!(
+        script.lock().unwrap().seen.len() >= 6,
+        "the source kept retrying"
     );
 }
