@@ -74,6 +74,21 @@ fn tx_csum_off(netns: &str, iface: &str) -> anyhow::Result<()> {
     in_ns(netns, "ethtool", &["-K", iface, "tx", "off"])
 }
 
+/// Gives a namespace's eth0 its address (/32), brings it up, turns its TX checksum offload off.
+fn eth0_up(netns: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
+    ip(&[
+        "-n",
+        netns,
+        "addr",
+        "add",
+        &format!("{addr}/32"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", netns, "link", "set", "eth0", "up"])?;
+    tx_csum_off(netns, "eth0")
+}
+
 fn underlay(prefix: &str) -> String {
     format!("{prefix}-ul")
 }
@@ -100,17 +115,7 @@ fn create_host(
         "-n", netns, "link", "add", "eth0", "type", "veth", "peer", "name", &ul_if, "netns", &ul,
     ])?;
     ip(&["-n", &ul, "link", "set", &ul_if, "master", "br0", "up"])?;
-    ip(&[
-        "-n",
-        netns,
-        "addr",
-        "add",
-        &format!("{addr}/32"),
-        "dev",
-        "eth0",
-    ])?;
-    ip(&["-n", netns, "link", "set", "eth0", "up"])?;
-    tx_csum_off(netns, "eth0")?;
+    eth0_up(netns, addr)?;
     tx_csum_off(&ul, &ul_if)?;
     for node in nodes.iter().filter(|n| n.ip != addr) {
         ip(&[
@@ -190,16 +195,7 @@ pub fn create_pod(
         "-n", node_netns, "link", "add", &host_if, "address", &host_mac, "type", "veth", "peer",
         "name", "eth0", "address", &pod_mac, "netns", &netns,
     ])?;
-    ip(&[
-        "-n",
-        &netns,
-        "addr",
-        "add",
-        &format!("{addr}/32"),
-        "dev",
-        "eth0",
-    ])?;
-    ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+    eth0_up(&netns, pod.ip)?;
     ip(&[
         "-n",
         &netns,
@@ -258,7 +254,6 @@ pub fn create_pod(
         "nud",
         "permanent",
     ])?;
-    tx_csum_off(&netns, "eth0")?;
     tx_csum_off(node_netns, &host_if)?;
     Ok((netns, host_if))
 }
