@@ -38,10 +38,12 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// Contribution of one object version to the source digest (see [`KubeState::digest`]).
 #[must_use]
 pub fn object_digest(key: &ObjectKey, resource_version: &str) -> u64 {
-    dataplane_common::manifest_fingerprint([
-        (key.kind.as_str().as_bytes(), key.namespace.as_bytes()),
-        (key.name.as_bytes(), resource_version.as_bytes()),
-    ])
+    dataplane_common::object_digest(
+        key.kind.as_str(),
+        &key.namespace,
+        &key.name,
+        resource_version,
+    )
 }
 
 /// Drops what the agent never reads, to keep memory bounded at scale.

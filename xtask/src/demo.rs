@@ -266,7 +266,7 @@ pub fn run() -> anyhow::Result<()> {
     let agent = crate::build_agent()?;
     let manifests = crate::workspace_root().join("examples/demo");
     eprintln!("demo: building the lab from {}", manifests.display());
-    let state = lab::up(&manifests, &[], &agent)?;
+    let state = lab::up(&manifests, None, &[], &agent)?;
     let result = report(&state).and_then(|(text, problems)| {
         print!("{text}");
         println!("\n== Reachability matrix (pods x pod ports and service ports) ==");

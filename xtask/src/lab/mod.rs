@@ -9,6 +9,7 @@
 //! No namespace is ever connected to the machine's own network: every veth is created directly
 //! between two lab namespaces. Names carry a per-run prefix (`<base>-<run id>-`); `down` (and `up`,
 //! before it starts) removes every namespace of the base, so a crashed lab is cleaned too.
+mod api;
 mod cluster;
 mod matrix;
 pub mod probe;
@@ -31,6 +32,9 @@ pub enum LabCmd {
     Up {
         #[arg(long)]
         manifests: PathBuf,
+        /// Create the objects in this API server and run the agents with the Kubernetes source.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
         /// External hosts on the underlay, as NAME=IP.
         #[arg(long = "external")]
         externals: Vec<String>,
@@ -49,6 +53,14 @@ pub enum LabCmd {
     Down,
     /// Print the lab's state (JSON).
     Status,
+    /// (internal) Forwards connections: `tcp:HOST:PORT` or `unix:PATH`, both ways.
+    #[command(hide = true)]
+    Relay {
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        to: String,
+    },
     /// (internal) The server each pod runs: HTTP on its TCP ports, echo on its UDP ports.
     #[command(hide = true)]
     Serve(serve::ServeArgs),
@@ -95,6 +107,13 @@ pub struct State {
     pub externals: Vec<ExternalState>,
     pub services: Vec<ServiceSpec>,
     pub generation: u64,
+    /// With an API server: its kubeconfig, what the lab created there, the relays' pids.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    #[serde(default)]
+    pub created: Vec<api::Created>,
+    #[serde(default)]
+    pub relay_pids: Vec<u32>,
 }
 
 impl State {
@@ -151,14 +170,16 @@ pub fn main(cmd: LabCmd) -> anyhow::Result<()> {
     match cmd {
         LabCmd::Up {
             manifests,
+            kubeconfig,
             externals,
         } => {
             require_root()?;
             crate::setup::ensure()?;
             let agent = agent_binary()?;
-            up(&manifests, &externals, &agent)?;
+            up(&manifests, kubeconfig.as_deref(), &externals, &agent)?;
             Ok(())
         }
+        LabCmd::Relay { listen, to } => api::relay(&listen, &to),
         LabCmd::Apply { dir } => {
             require_root()?;
             apply(&dir)
@@ -206,7 +227,12 @@ fn run_id() -> String {
 ///
 /// # Errors
 /// A namespace could not be built, or the agents did not converge.
-pub fn up(manifests: &Path, externals: &[String], agent: &Path) -> anyhow::Result<State> {
+pub fn up(
+    manifests: &Path,
+    kubeconfig: Option<&Path>,
+    externals: &[String],
+    agent: &Path,
+) -> anyhow::Result<State> {
     if State::path().exists() || !topology::lab_namespaces(&lab_name())?.is_empty() {
         eprintln!("lab: removing a previous lab first");
         down()?;
@@ -215,6 +241,7 @@ pub fn up(manifests: &Path, externals: &[String], agent: &Path) -> anyhow::Resul
     let mut state = State {
         prefix: format!("{}-{}", lab_name(), run_id()),
         services: cluster.services.clone(),
+        kubeconfig: kubeconfig.map(Path::to_path_buf),
         ..State::default()
     };
     std::fs::create_dir_all(home())?;
@@ -250,12 +277,19 @@ pub fn up(manifests: &Path, externals: &[String], agent: &Path) -> anyhow::Resul
             state.pods.push(p);
             state.save()?;
         }
-        let fingerprint = publish(&mut state, &cluster.files)?;
+        if let Some(kc) = kubeconfig {
+            let client = runtime()?.block_on(api::client(kc))?;
+            state.created = runtime()?.block_on(api::apply(&client, &cluster.files, &[]))?;
+            state.save()?;
+            start_relays(&mut state, kc)?;
+        } else {
+            publish(&mut state, &cluster.files)?;
+        }
         for node in &mut state.nodes {
-            node.agent_pid = start_agent(node, agent)?;
+            node.agent_pid = start_agent(node, agent, state.kubeconfig.is_some())?;
         }
         state.save()?;
-        wait_programmed(&state, fingerprint)?;
+        wait_programmed(&state, &cluster.files)?;
         anyhow::Ok(())
     })();
     if let Err(e) = result {
@@ -289,7 +323,7 @@ fn add_pod(state: &State, pod: &PodSpec) -> anyhow::Result<PodState> {
     for p in &pod.udp {
         args.extend(["--udp".to_owned(), p.to_string()]);
     }
-    let server_pid = topology::spawn_in(&netns, &std::env::current_exe()?, &args, &log)?;
+    let server_pid = topology::spawn_in(Some(&netns), &std::env::current_exe()?, &args, &log)?;
     Ok(PodState {
         spec: pod.clone(),
         netns,
@@ -307,27 +341,75 @@ fn node_netns(state: &State, node: &str) -> anyhow::Result<String> {
         .with_context(|| format!("node {node} is not in the lab"))
 }
 
-fn start_agent(node: &NodeState, agent: &Path) -> anyhow::Result<u32> {
+fn start_agent(node: &NodeState, agent: &Path, kubernetes: bool) -> anyhow::Result<u32> {
     let dir = home().join("nodes").join(&node.spec.name);
     std::fs::create_dir_all(&dir)?;
+    let (source, from) = if kubernetes {
+        ("--kubeconfig", dir.join("kubeconfig"))
+    } else {
+        ("--manifests", home().join("manifests"))
+    };
     let args = [
         "run".to_owned(),
         "--node-name".to_owned(),
         node.spec.name.clone(),
-        "--manifests".to_owned(),
-        home().join("manifests").display().to_string(),
+        source.to_owned(),
+        from.display().to_string(),
         "--status-file".to_owned(),
         dir.join("status.json").display().to_string(),
     ];
-    topology::spawn_in(&node.netns, agent, &args, &dir.join("agent.log"))
+    topology::spawn_in(Some(&node.netns), agent, &args, &dir.join("agent.log"))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// The relays that let agents in unconnected node namespaces reach the API server: one on the
+/// host from a unix socket to the server, one per node from the node's loopback to that socket.
+fn start_relays(state: &mut State, kubeconfig: &Path) -> anyhow::Result<()> {
+    let me = std::env::current_exe()?;
+    let sock = format!("unix:{}", home().join("api.sock").display());
+    let mut server = None;
+    for node in &state.nodes {
+        let dir = home().join("nodes").join(&node.spec.name);
+        std::fs::create_dir_all(&dir)?;
+        server = Some(api::node_kubeconfig(kubeconfig, &dir.join("kubeconfig"))?);
+    }
+    let server = server.context("no nodes")?;
+    let relay = |listen: &str, to: &str| {
+        ["lab", "relay", "--listen", listen, "--to", to]
+            .map(str::to_owned)
+            .to_vec()
+    };
+    let host = topology::spawn_in(
+        None,
+        &me,
+        &relay(&sock, &format!("tcp:{server}")),
+        &home().join("relay-host.log"),
+    )?;
+    state.relay_pids.push(host);
+    let local = format!("tcp:127.0.0.1:{}", api::NODE_RELAY_PORT);
+    for node in &state.nodes {
+        let log = home().join("nodes").join(&node.spec.name).join("relay.log");
+        state.relay_pids.push(topology::spawn_in(
+            Some(&node.netns),
+            &me,
+            &relay(&local, &sock),
+            &log,
+        )?);
+    }
+    state.save()
 }
 
 /// Writes a new generation of the manifests and swaps it in atomically (symlink rename), so an
-/// agent reads either all of the old files or all of the new. Returns their fingerprint.
+/// agent reads either all of the old files or all of the new.
 fn publish(
     state: &mut State,
     files: &std::collections::BTreeMap<String, Vec<u8>>,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<()> {
     state.generation += 1;
     let gen_dir = home().join(format!("gen-{}", state.generation));
     std::fs::create_dir_all(&gen_dir)?;
@@ -342,17 +424,39 @@ fn publish(
     if state.generation > 1 {
         let _ = std::fs::remove_dir_all(home().join(format!("gen-{}", state.generation - 1)));
     }
-    Ok(dataplane_common::manifest_fingerprint(
-        files.iter().map(|(n, c)| (n.as_bytes(), c.as_slice())),
-    ))
+    Ok(())
 }
 
-/// Waits until every agent reports the fingerprint; fails early if an agent died.
-fn wait_programmed(state: &State, fingerprint: u64) -> anyhow::Result<()> {
-    let want = format!("{fingerprint:016x}");
+/// Waits until every agent reports what it should have programmed: the fingerprint of the
+/// manifests, or with an API server the digest of a fresh list (re-listed while waiting, as other
+/// writers may change objects meanwhile). Fails early if an agent died.
+fn wait_programmed(
+    state: &State,
+    files: &std::collections::BTreeMap<String, Vec<u8>>,
+) -> anyhow::Result<()> {
+    let api = match &state.kubeconfig {
+        Some(kc) => {
+            let rt = runtime()?;
+            let client = rt.block_on(api::client(kc))?;
+            Some((rt, client))
+        }
+        None => None,
+    };
+    let manifests = dataplane_common::manifest_fingerprint(
+        files.iter().map(|(n, c)| (n.as_bytes(), c.as_slice())),
+    );
+    let mut want = format!("{manifests:016x}");
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut pending: Vec<&NodeState> = state.nodes.iter().collect();
     while !pending.is_empty() {
+        if let Some((rt, client)) = &api {
+            let digest = rt.block_on(api::digest(client))?;
+            let fresh = format!("{digest:016x}");
+            if fresh != want {
+                want = fresh;
+                pending = state.nodes.iter().collect();
+            }
+        }
         let mut still = Vec::new();
         for node in pending {
             let dir = home().join("nodes").join(&node.spec.name);
@@ -385,7 +489,7 @@ fn wait_programmed(state: &State, fingerprint: u64) -> anyhow::Result<()> {
             let names: Vec<&str> = pending.iter().map(|n| n.spec.name.as_str()).collect();
             bail!("agents of {names:?} did not program the manifests within 90 s");
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(if api.is_some() { 200 } else { 20 }));
     }
     Ok(())
 }
@@ -428,9 +532,16 @@ pub fn apply(dir: &Path) -> anyhow::Result<()> {
         }
     }
     state.services = cluster.services.clone();
-    let fingerprint = publish(&mut state, &cluster.files)?;
+    if let Some(kc) = state.kubeconfig.clone() {
+        let rt = runtime()?;
+        let client = rt.block_on(api::client(&kc))?;
+        state.created = rt.block_on(api::apply(&client, &cluster.files, &state.created))?;
+        state.generation += 1;
+    } else {
+        publish(&mut state, &cluster.files)?;
+    }
     state.save()?;
-    wait_programmed(&state, fingerprint)?;
+    wait_programmed(&state, &cluster.files)?;
     eprintln!(
         "lab: applied generation {} ({} pods removed or changed, {} pods now)",
         state.generation,
@@ -450,8 +561,18 @@ pub fn down() -> anyhow::Result<()> {
             .nodes
             .iter()
             .map(|n| n.agent_pid)
-            .chain(state.pods.iter().map(|p| p.server_pid));
+            .chain(state.pods.iter().map(|p| p.server_pid))
+            .chain(state.relay_pids.iter().copied());
         topology::stop(pids);
+        if let (Some(kc), false) = (&state.kubeconfig, state.created.is_empty()) {
+            let removed = runtime().and_then(|rt| {
+                let client = rt.block_on(api::client(kc))?;
+                rt.block_on(api::delete_all(&client, &state.created))
+            });
+            if let Err(e) = removed {
+                eprintln!("lab: could not delete the objects created in the API server: {e:#}");
+            }
+        }
     }
     let removed = topology::remove_namespaces(&lab_name())?;
     if home().exists() {

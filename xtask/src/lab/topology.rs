@@ -265,18 +265,25 @@ pub fn delete_pod(pod: &PodState) -> anyhow::Result<()> {
     ip(&["netns", "del", &pod.netns])
 }
 
-/// Starts a long-running process inside a namespace, detached from this one (own session), with
-/// its output in `log`. Returns its pid.
-pub fn spawn_in(netns: &str, program: &Path, args: &[String], log: &Path) -> anyhow::Result<u32> {
+/// Starts a long-running process inside a lab namespace (or, with `None`, in this one), detached
+/// from this process (own session), with its output in `log`. Returns its pid.
+pub fn spawn_in(
+    netns: Option<&str>,
+    program: &Path,
+    args: &[String],
+    log: &Path,
+) -> anyhow::Result<u32> {
     let out = std::fs::File::create(log)?;
     let err = out.try_clone()?;
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", netns])
-        .arg(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err);
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    };
+    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
     unsafe {
         cmd.pre_exec(|| {
@@ -284,9 +291,13 @@ pub fn spawn_in(netns: &str, program: &Path, args: &[String], log: &Path) -> any
             Ok(())
         });
     }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {} in {netns}", program.display()))?;
+    let child = cmd.spawn().with_context(|| {
+        format!(
+            "starting {} in {}",
+            program.display(),
+            netns.unwrap_or("the host namespace")
+        )
+    })?;
     Ok(child.id())
 }
 
