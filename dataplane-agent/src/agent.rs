@@ -39,6 +39,8 @@ pub struct Config {
     pub poll: Duration,
     /// Where `/healthz`, `/readyz` and `/metrics` are served; `None` serves nothing.
     pub http_bind: Option<std::net::SocketAddr>,
+    /// A directory on a bpffs: conntrack and links are pinned there and survive restarts.
+    pub bpffs: Option<PathBuf>,
 }
 
 /// Where the objects come from.
@@ -71,6 +73,7 @@ pub struct Agent {
     errors: BTreeMap<&'static str, u64>,
     sync_latency: Histogram,
     conntrack_entries: u64,
+    interfaces_synced: bool,
 }
 
 impl Agent {
@@ -86,6 +89,7 @@ impl Agent {
             errors: BTreeMap::new(),
             sync_latency: Histogram::default(),
             conntrack_entries: 0,
+            interfaces_synced: false,
         }
     }
 
@@ -117,10 +121,10 @@ impl Agent {
             self.count_errors("map_write", report.write_errors.len());
             ops += report.ops;
         }
-        if dirty.pods {
+        self.generation += 1;
+        if dirty.pods || self.generation == 1 {
             self.sync_interfaces();
         }
-        self.generation += 1;
         self.fingerprint = Some(batch.fingerprint);
         self.sync_latency
             .observe(batch.received.elapsed().as_secs_f64());
@@ -132,8 +136,13 @@ impl Agent {
         );
     }
 
-    /// Attaches to the interfaces of local pods and detaches from the ones gone.
+    /// Attaches to the interfaces of local pods and detaches from the ones gone. Nothing is
+    /// attached before the first batch is programmed: a program swapped into a link pinned by an
+    /// earlier agent must find complete maps.
     pub fn sync_interfaces(&mut self) {
+        if self.generation == 0 {
+            return;
+        }
         let routes = match std::fs::read_to_string("/proc/net/route") {
             Ok(t) => parse_routes(&t),
             Err(e) => {
@@ -152,6 +161,8 @@ impl Agent {
             self.datapath.detach(&iface);
             info!(%iface, "detached");
         }
+        let first = !self.interfaces_synced;
+        self.interfaces_synced = true;
         for (iface, ips) in wanted {
             let Some(idx) = ifindex(&iface) else {
                 continue;
@@ -163,6 +174,11 @@ impl Agent {
                     warn!(%iface, "attach failed: {e:#}");
                     self.count_errors("attach", 1);
                 }
+            }
+        }
+        if first {
+            for link in self.datapath.unpin_stale() {
+                info!(%link, "unpinned a link left for an interface that is gone");
             }
         }
     }
@@ -335,7 +351,7 @@ async fn watch_manifests(dir: PathBuf, poll: Duration, tx: mpsc::Sender<Batch>) 
 /// # Errors
 /// The eBPF object could not be loaded.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let datapath = Datapath::load()?;
+    let datapath = Datapath::load_object(crate::ebpf::OBJECT, config.bpffs.as_deref())?;
     let mut agent = Agent::new(config.node_name.clone(), datapath);
     info!(node = %config.node_name, source = ?config.source, "agent started");
 

@@ -1,12 +1,17 @@
 //! The kernel side: loads the eBPF object, attaches its programs to pod interfaces, writes and reads
 //! its maps.
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray},
-    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    programs::{
+        SchedClassifier, TcAttachType,
+        links::{FdLink, Link as _, PinnedLink},
+        tc::SchedClassifierLink,
+    },
 };
 use dataplane_common::{
     Backend, CtKey, CtValue, DropReason, ServiceKey, ServiceValue, SvcStats, map_names, prog_names,
@@ -14,12 +19,33 @@ use dataplane_common::{
 
 use crate::{diff::Op, program::MapWriter};
 
+/// One program's link to one interface. A pinned link outlives the agent: the program keeps
+/// running while the agent restarts, and the next agent swaps its own program in atomically.
+enum AttachedLink {
+    Owned(SchedClassifierLink),
+    Pinned { link: FdLink, path: PathBuf },
+}
+
+impl AttachedLink {
+    /// Detaches for good (a pinned link is unpinned first).
+    fn detach(self) {
+        match self {
+            AttachedLink::Owned(link) => {
+                // Best effort: the interface may be gone already, which detached it.
+                let _ = link.detach();
+            }
+            AttachedLink::Pinned { link, path } => {
+                let _ = std::fs::remove_file(path);
+                let _ = link.detach();
+            }
+        }
+    }
+}
+
 /// The programs attached to one interface.
-#[derive(Debug)]
 struct Attachment {
     ifindex: u32,
-    from_pod: SchedClassifierLinkId,
-    to_pod: SchedClassifierLinkId,
+    links: Vec<AttachedLink>,
 }
 
 /// The loaded eBPF object and handles to its maps.
@@ -31,6 +57,7 @@ pub struct Datapath {
     drops: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuArray<MapData, SvcStats>,
     attached: BTreeMap<String, Attachment>,
+    pin_dir: Option<PathBuf>,
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
@@ -44,20 +71,30 @@ where
 }
 
 impl Datapath {
-    /// Loads the embedded object and verifies both programs.
+    /// Loads the embedded object and verifies both programs, with fresh maps and no pinning.
     ///
     /// # Errors
     /// The kernel refused a map or a program (the verifier log is in the error chain).
     pub fn load() -> anyhow::Result<Self> {
-        Self::load_object(crate::ebpf::OBJECT)
+        Self::load_object(crate::ebpf::OBJECT, None)
     }
 
-    /// Loads a given eBPF object.
+    /// Loads an eBPF object. With a pin directory (on a bpffs), conntrack is shared with earlier
+    /// agents through `<dir>/CONNTRACK_V1` and links are pinned as `<dir>/links/<iface>_ingress`
+    /// and `_egress` (bpffs refuses dots in names), so a restart
+    /// keeps every connection; the translation maps are always fresh (and swapped in with the
+    /// programs once programmed), so no half-known state is ever adopted.
     ///
     /// # Errors
-    /// As [`Datapath::load`].
-    pub fn load_object(object: &[u8]) -> anyhow::Result<Self> {
-        let mut ebpf = Ebpf::load(object).context("loading the eBPF object")?;
+    /// As [`Datapath::load`], or the pin directory cannot be used.
+    pub fn load_object(object: &[u8], pin_dir: Option<&Path>) -> anyhow::Result<Self> {
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = pin_dir {
+            std::fs::create_dir_all(dir.join("links"))
+                .with_context(|| format!("creating {}", dir.display()))?;
+            loader.map_pin_path(map_names::CONNTRACK, dir.join(map_names::CONNTRACK));
+        }
+        let mut ebpf = loader.load(object).context("loading the eBPF object")?;
         for name in [prog_names::FROM_POD, prog_names::TO_POD] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -74,6 +111,7 @@ impl Datapath {
             svc_stats: take_map(&mut ebpf, map_names::SVC_STATS)?,
             ebpf,
             attached: BTreeMap::new(),
+            pin_dir: pin_dir.map(Path::to_path_buf),
         })
     }
 
@@ -90,7 +128,9 @@ impl Datapath {
     }
 
     /// Attaches both programs to a pod's host-side interface (TCX ingress and egress). An interface
-    /// that was re-created under the same name is re-attached.
+    /// that was re-created under the same name is re-attached. With a pin directory, a link pinned
+    /// by an earlier agent gets this agent's program swapped in atomically (no moment without a
+    /// program), and new links are pinned.
     ///
     /// # Errors
     /// The interface does not exist or the kernel refused the link.
@@ -101,44 +141,90 @@ impl Datapath {
             }
             self.detach(iface);
         }
-        let from_pod = self.classifier(prog_names::FROM_POD)?;
-        let from_pod = from_pod
-            .attach(iface, TcAttachType::Ingress)
-            .with_context(|| format!("attaching {} to {iface}", prog_names::FROM_POD))?;
-        let to_pod = self.classifier(prog_names::TO_POD)?;
-        let to_pod = match to_pod.attach(iface, TcAttachType::Egress) {
-            Ok(link) => link,
-            Err(e) => {
-                let prog = self.classifier(prog_names::FROM_POD)?;
-                // Best effort: the interface may be gone already.
-                let _ = prog.detach(from_pod);
-                return Err(e)
-                    .with_context(|| format!("attaching {} to {iface}", prog_names::TO_POD));
+        let mut links = Vec::new();
+        for (name, attach_type, side) in [
+            (prog_names::FROM_POD, TcAttachType::Ingress, "ingress"),
+            (prog_names::TO_POD, TcAttachType::Egress, "egress"),
+        ] {
+            let pin = self
+                .pin_dir
+                .as_ref()
+                .map(|d| d.join("links").join(format!("{iface}_{side}")));
+            match self.attach_one(name, iface, attach_type, pin) {
+                Ok(link) => links.push(link),
+                Err(e) => {
+                    for link in links {
+                        link.detach();
+                    }
+                    return Err(e).with_context(|| format!("attaching {name} to {iface}"));
+                }
             }
-        };
-        self.attached.insert(
-            iface.to_owned(),
-            Attachment {
-                ifindex,
-                from_pod,
-                to_pod,
-            },
-        );
+        }
+        self.attached
+            .insert(iface.to_owned(), Attachment { ifindex, links });
         Ok(true)
     }
 
-    /// Detaches from an interface. Links to an interface that vanished are already gone; errors
-    /// are ignored for that reason.
-    pub fn detach(&mut self, iface: &str) {
-        let Some(a) = self.attached.remove(iface) else {
-            return;
+    fn attach_one(
+        &mut self,
+        name: &str,
+        iface: &str,
+        attach_type: TcAttachType,
+        pin: Option<PathBuf>,
+    ) -> anyhow::Result<AttachedLink> {
+        let prog = self.classifier(name)?;
+        let Some(path) = pin else {
+            let id = prog.attach(iface, attach_type)?;
+            return Ok(AttachedLink::Owned(prog.take_link(id)?));
         };
-        if let Ok(p) = self.classifier(prog_names::FROM_POD) {
-            let _ = p.detach(a.from_pod);
+        if let Ok(pinned) = PinnedLink::from_pin(&path) {
+            let replaced = SchedClassifierLink::try_from(FdLink::from(pinned))
+                .map_err(anyhow::Error::from)
+                .and_then(|old| Ok(prog.attach_to_link(old)?));
+            if let Ok(id) = replaced {
+                let link = FdLink::try_from(prog.take_link(id)?)?;
+                return Ok(AttachedLink::Pinned { link, path });
+            }
+            // The link's interface is gone (a pod re-created under the same name): start afresh.
+            let _ = std::fs::remove_file(&path);
         }
-        if let Ok(p) = self.classifier(prog_names::TO_POD) {
-            let _ = p.detach(a.to_pod);
+        let id = prog.attach(iface, attach_type)?;
+        let link = FdLink::try_from(prog.take_link(id)?)?;
+        let link = FdLink::from(link.pin(&path)?);
+        Ok(AttachedLink::Pinned { link, path })
+    }
+
+    /// Detaches from an interface (and unpins). Links to an interface that vanished are already
+    /// gone; errors are ignored for that reason.
+    pub fn detach(&mut self, iface: &str) {
+        if let Some(a) = self.attached.remove(iface) {
+            for link in a.links {
+                link.detach();
+            }
         }
+    }
+
+    /// Unpins links an earlier agent left for interfaces this one does not attach to.
+    pub fn unpin_stale(&self) -> Vec<String> {
+        let Some(dir) = &self.pin_dir else {
+            return Vec::new();
+        };
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(dir.join("links"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let iface = name
+                .strip_suffix("_ingress")
+                .or_else(|| name.strip_suffix("_egress"))
+                .unwrap_or(&name);
+            if !self.attached.contains_key(iface) && std::fs::remove_file(entry.path()).is_ok() {
+                removed.push(name);
+            }
+        }
+        removed
     }
 
     /// Interfaces the programs are attached to.

@@ -40,6 +40,10 @@ enum Command {
             default_value = "127.0.0.1:10256"
         )]
         http_bind_address: std::net::SocketAddr,
+        /// A directory on a bpffs where conntrack and the program links are pinned, so that
+        /// connections and the datapath survive agent restarts and upgrades.
+        #[arg(long, env = "DATAPLANE_BPFFS")]
+        bpffs: Option<PathBuf>,
     },
     /// Remove the iptables chains (KUBE-*) and nftables tables (kube-proxy) kube-proxy leaves on
     /// this node, and report what was removed.
@@ -67,6 +71,7 @@ fn main() -> anyhow::Result<()> {
             status_file,
             poll_ms,
             http_bind_address,
+            bpffs,
         } => {
             let config = Config {
                 node_name,
@@ -77,6 +82,7 @@ fn main() -> anyhow::Result<()> {
                 status_file,
                 poll: Duration::from_millis(poll_ms),
                 http_bind: Some(http_bind_address),
+                bpffs,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -154,7 +154,9 @@ fn daemonset_replaces_kube_proxy_with_least_privilege() {
                 .any(|m| m.name == v.name && m.mount_path == mount)
         );
     }
-    assert!(config.data.unwrap()["DATAPLANE_STATUS_FILE"].starts_with("/run/dataplane/"));
+    let data = config.data.unwrap();
+    assert!(data["DATAPLANE_STATUS_FILE"].starts_with("/run/dataplane/"));
+    assert!(data["DATAPLANE_BPFFS"].starts_with("/sys/fs/bpf/"), "pins live on the mounted bpffs");
 }
 
 #[test]

@@ -607,3 +607,35 @@ fn agents_follow_pods_as_they_come_and_go() {
         "the removed pod's interface is forgotten"
     );
 }
+
+#[test]
+fn agent_restarts_keep_connections_and_the_datapath() {
+    let lab = Lab::up();
+    let mut held = Held::open(&lab.netns("client-a"), WEB_VIP);
+    let backend = held.ask();
+
+    ok(xtask(&["lab", "agents", "stop"]));
+    // No agent runs: the pinned links keep the programs attached, conntrack keeps the flow.
+    assert_eq!(
+        held.ask(),
+        backend,
+        "an open connection survives the agent stopping"
+    );
+    let r = probe("t/client-b", WEB_VIP, "tcp", 10);
+    assert!(
+        r.iter().all(|r| r["result"] == "connected"),
+        "new connections still work: {r:?}"
+    );
+
+    ok(xtask(&["lab", "agents", "start"]));
+    assert_eq!(held.ask(), backend, "and the new agent's programs keep it");
+    let r = probe("t/client-a", WEB_VIP, "tcp", 40);
+    assert!(r.iter().all(|r| r["result"] == "connected"));
+    assert_eq!(
+        backends(&r).len(),
+        3,
+        "the new agent programmed every backend"
+    );
+    assert_eq!((attached("node-a"), attached("node-b")), (3, 4));
+    assert_eq!(checksum_errors(), 0);
+}

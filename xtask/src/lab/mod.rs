@@ -49,6 +49,11 @@ pub enum LabCmd {
         #[arg(long, default_value_t = 300)]
         timeout_ms: u64,
     },
+    /// Stop or start every node's agent (a restart keeps connections: see ARCHITECTURE.md).
+    Agents {
+        #[arg(value_parser = ["stop", "start"])]
+        action: String,
+    },
     /// Remove everything the lab created.
     Down,
     /// Print the lab's state (JSON).
@@ -180,6 +185,10 @@ pub fn main(cmd: LabCmd) -> anyhow::Result<()> {
             Ok(())
         }
         LabCmd::Relay { listen, to } => api::relay(&listen, &to),
+        LabCmd::Agents { action } => {
+            require_root()?;
+            agents(&action)
+        }
         LabCmd::Apply { dir } => {
             require_root()?;
             apply(&dir)
@@ -244,9 +253,10 @@ pub fn up(
         kubeconfig: kubeconfig.map(Path::to_path_buf),
         ..State::default()
     };
-    std::fs::create_dir_all(home())?;
+    std::fs::create_dir_all(home().join("bpf"))?;
     state.save()?;
     let result = (|| {
+        topology::mount_bpffs(&home().join("bpf"))?;
         topology::create_underlay(&state.prefix)?;
         for spec in &cluster.nodes {
             let netns = topology::create_node(&state.prefix, spec, &cluster.nodes)?;
@@ -357,6 +367,12 @@ fn start_agent(node: &NodeState, agent: &Path, kubernetes: bool) -> anyhow::Resu
         from.display().to_string(),
         "--status-file".to_owned(),
         dir.join("status.json").display().to_string(),
+        "--bpffs".to_owned(),
+        home()
+            .join("bpf")
+            .join(&node.spec.name)
+            .display()
+            .to_string(),
     ];
     topology::spawn_in(Some(&node.netns), agent, &args, &dir.join("agent.log"))
 }
@@ -551,6 +567,42 @@ pub fn apply(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `lab agents stop|start`: with the agents stopped, the pinned programs and conntrack keep
+/// serving; started again, each agent swaps its programs into the pinned links once programmed.
+fn agents(action: &str) -> anyhow::Result<()> {
+    let mut state = State::load()?;
+    if action == "stop" {
+        topology::stop(state.nodes.iter().map(|n| n.agent_pid));
+        for node in &mut state.nodes {
+            node.agent_pid = 0;
+            let _ = std::fs::remove_file(
+                home()
+                    .join("nodes")
+                    .join(&node.spec.name)
+                    .join("status.json"),
+            );
+        }
+        state.save()?;
+        eprintln!("lab: agents stopped");
+        return Ok(());
+    }
+    let agent = agent_binary()?;
+    for node in &mut state.nodes {
+        if !topology::alive(node.agent_pid) {
+            node.agent_pid = start_agent(node, &agent, state.kubeconfig.is_some())?;
+        }
+    }
+    state.save()?;
+    let files = if state.kubeconfig.is_some() {
+        std::collections::BTreeMap::new()
+    } else {
+        cluster::read(&home().join("manifests"))?.files
+    };
+    wait_programmed(&state, &files)?;
+    eprintln!("lab: agents started and programmed");
+    Ok(())
+}
+
 /// Stops every lab process and removes every lab namespace and file, state or no state.
 ///
 /// # Errors
@@ -575,6 +627,7 @@ pub fn down() -> anyhow::Result<()> {
         }
     }
     let removed = topology::remove_namespaces(&lab_name())?;
+    topology::unmount_below(&home())?;
     if home().exists() {
         std::fs::remove_dir_all(home())?;
     }

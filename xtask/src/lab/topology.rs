@@ -258,6 +258,29 @@ pub fn create_pod(
     Ok((netns, host_if))
 }
 
+/// Mounts a BPF filesystem for the agents' pinned objects.
+pub fn mount_bpffs(dir: &Path) -> anyhow::Result<()> {
+    exec(
+        Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir),
+        &format!("mount -t bpf bpf {}", dir.display()),
+    )
+}
+
+/// Unmounts every mount point below `dir` (deepest first), whatever run left them.
+pub fn unmount_below(dir: &Path) -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|p| Path::new(p).starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        exec(Command::new("umount").arg(p), &format!("umount {p}"))?;
+    }
+    Ok(())
+}
+
 /// Stops a pod's server and removes its namespace (its veth goes with it).
 pub fn delete_pod(pod: &PodState) -> anyhow::Result<()> {
     stop([pod.server_pid]);
