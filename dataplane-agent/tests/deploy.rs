@@ -156,7 +156,10 @@ fn daemonset_replaces_kube_proxy_with_least_privilege() {
     }
     let data = config.data.unwrap();
     assert!(data["DATAPLANE_STATUS_FILE"].starts_with("/run/dataplane/"));
-    assert!(data["DATAPLANE_BPFFS"].starts_with("/sys/fs/bpf/"), "pins live on the mounted bpffs");
+    assert!(
+        data["DATAPLANE_BPFFS"].starts_with("/sys/fs/bpf/"),
+        "pins live on the mounted bpffs"
+    );
 }
 
 #[test]
