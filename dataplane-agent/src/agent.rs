@@ -6,14 +6,15 @@
 //!                                      dirty pods / every second -> attach/detach pod interfaces
 //!                                      every second -> status file (generation, fingerprint, counters)
 //! ```
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use dataplane_common::{
-    CT_FLAG_CLOSING, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICE_ENTRIES, PROTO_TCP, map_names,
+    CT_FLAG_CLOSING, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICE_ENTRIES, PROTO_TCP, SvcStats,
+    map_names,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -74,6 +75,8 @@ pub struct Agent {
     sync_latency: Histogram,
     conntrack_entries: u64,
     interfaces_synced: bool,
+    drops: BTreeMap<&'static str, u64>,
+    service_stats: HashMap<u16, SvcStats>,
 }
 
 impl Agent {
@@ -90,6 +93,8 @@ impl Agent {
             sync_latency: Histogram::default(),
             conntrack_entries: 0,
             interfaces_synced: false,
+            drops: BTreeMap::new(),
+            service_stats: HashMap::new(),
         }
     }
 
@@ -217,17 +222,28 @@ impl Agent {
         }
     }
 
-    /// The current status.
-    #[must_use]
-    pub fn status(&self) -> Status {
-        let (frontends, backends) = self.programmer.sizes();
-        let drops = self
+    /// Reads the per-CPU traffic counters from the kernel (one map lookup per frontend); done once
+    /// a second, not per batch, so programming a change never waits on thousands of lookups.
+    pub fn refresh_counters(&mut self) {
+        self.drops = self
             .datapath
             .drops()
             .unwrap_or_default()
             .into_iter()
             .map(|(r, n)| (r.label(), n))
             .collect();
+        self.service_stats = self
+            .programmer
+            .frontends()
+            .filter_map(|(_, spec)| self.programmer.rev_nat_id(&spec.frontend))
+            .filter_map(|id| Some((id, self.datapath.service_stats(id).ok()?)))
+            .collect();
+    }
+
+    /// The current status, with the counters as last refreshed.
+    #[must_use]
+    pub fn status(&self) -> Status {
+        let (frontends, backends) = self.programmer.sizes();
         let mut service_entries = 0;
         let services = self
             .programmer
@@ -237,7 +253,7 @@ impl Agent {
                 let stats = self
                     .programmer
                     .rev_nat_id(&spec.frontend)
-                    .and_then(|id| self.datapath.service_stats(id).ok())
+                    .and_then(|id| self.service_stats.get(&id).copied())
                     .unwrap_or_default();
                 ServiceStatus {
                     service: svc.to_string(),
@@ -276,7 +292,7 @@ impl Agent {
             ]),
             interfaces: self.datapath.attached().map(str::to_owned).collect(),
             errors: self.errors.clone(),
-            drops,
+            drops: self.drops.clone(),
             sync_latency: self.sync_latency.clone(),
             services,
         }
@@ -384,6 +400,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
             _ = every_second.tick() => {
                 agent.sync_interfaces();
+                agent.refresh_counters();
                 report(config.status_file.as_deref(), &agent, &status_tx);
             }
             _ = gc.tick() => agent.gc_conntrack(),
