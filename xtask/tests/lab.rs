@@ -9,7 +9,9 @@ use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
+
+mod fake_api;
 
 const LAB: &str = "kpltest";
 static ONE_LAB: Mutex<()> = Mutex::new(());
@@ -121,6 +123,11 @@ struct Lab {
 
 impl Lab {
     fn up() -> Lab {
+        Lab::start(None, &[])
+    }
+
+    /// A lab with extra pods, its objects in the API server of `kubeconfig` if given.
+    fn start(kubeconfig: Option<&Path>, extra: &[(&str, &str, &str, &str)]) -> Lab {
         // SAFETY: plain syscall.
         assert_eq!(
             unsafe { libc::geteuid() },
@@ -133,15 +140,19 @@ impl Lab {
         let dir = tempfile::tempdir().unwrap();
         let lab = Lab { dir, _lock: lock };
         let m = lab.dir.path().join("m0");
-        manifests(&m, Some(ALL_WEB), ECHO_SERVICE, &[]);
-        ok(xtask(&[
+        manifests(&m, Some(ALL_WEB), ECHO_SERVICE, extra);
+        let mut args = vec![
             "lab",
             "up",
             "--manifests",
             m.to_str().unwrap(),
             "--external",
             "ext=172.31.0.100",
-        ]));
+        ];
+        if let Some(kc) = kubeconfig {
+            args.extend(["--kubeconfig", kc.to_str().unwrap()]);
+        }
+        ok(xtask(&args));
         lab
     }
 
@@ -638,4 +649,100 @@ fn agent_restarts_keep_connections_and_the_datapath() {
     );
     assert_eq!((attached("node-a"), attached("node-b")), (3, 4));
     assert_eq!(checksum_errors(), 0);
+}
+
+#[test]
+fn with_an_api_server_objects_are_created_agents_watch_them_and_down_deletes_them() {
+    let api = fake_api::FakeApi::start();
+    {
+        // What a fresh API server already holds.
+        let mut s = api.store.lock().unwrap();
+        for ns in ["default", "kube-system"] {
+            s.seed(
+                "namespaces",
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+            );
+        }
+        s.seed(
+            "services",
+            json!({"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": "kubernetes", "namespace": "default"},
+                   "spec": {"clusterIP": "10.97.0.1", "clusterIPs": ["10.97.0.1"],
+                            "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]}}),
+        );
+    }
+    let kc_dir = tempfile::tempdir().unwrap();
+    let kc = kc_dir.path().join("kubeconfig");
+    api.kubeconfig(&kc);
+    let extra = [("extra", "node-a", "10.245.1.40", "8080/TCP")];
+    let lab = Lab::start(Some(&kc), &extra);
+    let object = |plural: &str, ns: &str, name: &str| {
+        api.store
+            .lock()
+            .unwrap()
+            .objects
+            .get(&(plural.to_owned(), ns.to_owned(), name.to_owned()))
+            .cloned()
+    };
+    let pod = object("pods", "t", "web-1").expect("pods created");
+    assert_eq!(pod["status"]["podIP"], "10.245.1.21", "with their status");
+    let node = object("nodes", "", "node-a").expect("nodes created");
+    assert_eq!(node["status"]["addresses"][0]["address"], "172.31.0.2");
+    assert!(
+        object("namespaces", "", "t").is_some(),
+        "the pods' namespace"
+    );
+    assert!(
+        api.store.lock().unwrap().requests.iter().any(|r| r
+            .starts_with("GET /apis/discovery.k8s.io/v1/endpointslices?")
+            && r.contains("watch=true")),
+        "the agents watch the API server"
+    );
+
+    let tcp = probe("t/client-a", WEB_VIP, "tcp", 30);
+    assert!(tcp.iter().all(|r| r["result"] == "connected"), "{tcp:?}");
+    assert_eq!(backends(&tcp).len(), 3, "every ready backend: {tcp:?}");
+    let udp = probe("t/client-b", ECHO_VIP, "udp", 10);
+    assert!(udp.iter().all(|r| r["result"] == "connected"), "{udp:?}");
+
+    // Endpoints removed, and a pod changed in a way a real API server refuses: it is replaced.
+    let changed = [("extra", "node-a", "10.245.1.40", "8081/TCP")];
+    lab.apply_with_pods("fewer", Some(&[ALL_WEB[2]]), ECHO_SERVICE, &changed);
+    let after = probe("t/client-a", WEB_VIP, "tcp", 15);
+    assert_eq!(backends(&after), ["t/web-3".to_owned()].into(), "{after:?}");
+    let extra = object("pods", "t", "extra").expect("the changed pod exists");
+    assert_eq!(
+        extra["spec"]["containers"][0]["ports"][0]["containerPort"],
+        8081
+    );
+    assert!(
+        api.store
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .any(|r| r.starts_with("DELETE /api/v1/namespaces/t/pods/extra")),
+        "replaced by delete and create"
+    );
+
+    lab.apply("no-web", None, ECHO_SERVICE);
+    assert!(object("services", "t", "web").is_none());
+    let r = probe("t/client-a", WEB_VIP, "tcp", 3);
+    assert!(r.iter().all(|r| r["result"] != "connected"), "{r:?}");
+    let r = probe("t/client-a", ECHO_VIP, "udp", 3);
+    assert!(r.iter().all(|r| r["result"] == "connected"), "{r:?}");
+
+    drop(lab);
+    let s = api.store.lock().unwrap();
+    let left: Vec<&fake_api::Key> = s.objects.keys().collect();
+    assert_eq!(
+        left,
+        [
+            &("namespaces".into(), String::new(), "default".into()),
+            &("namespaces".into(), String::new(), "kube-system".into()),
+            &("namespaces".into(), String::new(), "t".into()),
+            &("services".into(), "default".into(), "kubernetes".into()),
+        ],
+        "down deletes what the lab created, keeps namespaces and what it did not create"
+    );
 }

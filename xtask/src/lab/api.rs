@@ -89,17 +89,24 @@ pub async fn client(kubeconfig: &Path) -> anyhow::Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-/// Server-side applies every object of the watched kinds in `files` (namespaces and nodes first),
-/// then their status (pods and nodes carry theirs), and deletes what the lab created before but
-/// the files no longer hold. Returns what now exists.
+/// Server-side applies every object of the watched kinds in `files`: namespaces first (also the
+/// ones objects live in without a manifest), then nodes, pods, services, slices, policies; then
+/// the status of pods, nodes and services. A pod the server refuses to change (most of a pod's
+/// spec is immutable) is deleted and created again. Objects the lab created before that `files`
+/// no longer hold are deleted. `created` is kept current as this goes, so a failure part way
+/// still leaves a record of everything to delete.
+///
+/// Namespaces are applied but never recorded or deleted: an API server without a namespace
+/// controller keeps a deleted namespace terminating for ever, and the next `lab up` could not
+/// create anything in it; `default` and other system namespaces cannot be deleted at all.
 ///
 /// # Errors
 /// The API server refused an object.
 pub async fn apply(
     client: &Client,
     files: &std::collections::BTreeMap<String, Vec<u8>>,
-    before: &[Created],
-) -> anyhow::Result<Vec<Created>> {
+    created: &mut Vec<Created>,
+) -> anyhow::Result<()> {
     let mut objects = Vec::new();
     for content in files.values() {
         for doc in serde_yaml::Deserializer::from_slice(content) {
@@ -109,43 +116,11 @@ pub async fn apply(
             let Ok(value) = serde_json::to_value(&value) else {
                 continue;
             };
-            let field = |k: &str| {
-                value
-                    .get(k)
-                    .and_then(|v| v.as_str())
-                    .unwrap_or_default()
-                    .to_owned()
-            };
-            let meta = |k: &str| {
-                value["metadata"]
-                    .get(k)
-                    .and_then(|v| v.as_str())
-                    .map(str::to_owned)
-            };
-            let (api_version, kind) = (field("apiVersion"), field("kind"));
-            let Some((_, namespaced)) = resource(&api_version, &kind) else {
-                continue;
-            };
-            let Some(name) = meta("name") else {
-                continue;
-            };
-            let namespace = if namespaced {
-                meta("namespace").unwrap_or_else(|| "default".to_owned())
-            } else {
-                String::new()
-            };
-            objects.push((
-                Created {
-                    api_version,
-                    kind,
-                    namespace,
-                    name,
-                },
-                value,
-            ));
+            if let Some(c) = identify(&value) {
+                objects.push((c, value));
+            }
         }
     }
-    // Namespaces first (including the ones objects live in without a manifest), then nodes.
     let order = |c: &Created| {
         KINDS
             .iter()
@@ -163,49 +138,111 @@ pub async fn apply(
             namespaces.remove(&c.name);
         }
     }
-    let implicit: Vec<(Created, serde_json::Value)> = namespaces
-        .into_iter()
-        .map(|ns| {
-            let value = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
-            (Created { api_version: "v1".into(), kind: "Namespace".into(), namespace: String::new(), name: ns }, value)
-        })
-        .collect();
-    let params = PatchParams::apply("kplab").force();
-    let mut created = Vec::new();
-    for (c, mut value) in implicit.into_iter().chain(objects) {
-        let api = api(client, &c).context("known kind")?;
-        let status = value.as_object_mut().and_then(|o| o.remove("status"));
-        api.patch(&c.name, &params, &Patch::Apply(&value))
-            .await
-            .with_context(|| format!("applying {} {}/{}", c.kind, c.namespace, c.name))?;
-        if let Some(status) = status.filter(|_| c.kind == "Pod" || c.kind == "Node") {
-            api.patch_status(
-                &c.name,
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({ "status": status })),
-            )
-            .await
-            .with_context(|| {
-                format!(
-                    "setting the status of {} {}/{}",
-                    c.kind, c.namespace, c.name
-                )
-            })?;
+    let implicit = namespaces.into_iter().map(|ns| {
+        let value =
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+        (
+            Created {
+                api_version: "v1".into(),
+                kind: "Namespace".into(),
+                namespace: String::new(),
+                name: ns,
+            },
+            value,
+        )
+    });
+    let implicit: Vec<_> = implicit.collect();
+    let mut wanted = Vec::new();
+    for (c, value) in implicit.into_iter().chain(objects) {
+        apply_one(client, &c, value).await?;
+        if c.kind != "Namespace" {
+            if !created.contains(&c) {
+                created.push(c.clone());
+            }
+            wanted.push(c);
         }
-        created.push(c);
     }
-    for gone in before.iter().filter(|b| !created.contains(b)) {
-        delete(client, gone).await?;
+    let gone: Vec<Created> = created
+        .iter()
+        .filter(|c| !wanted.contains(c))
+        .cloned()
+        .collect();
+    for c in gone {
+        delete(client, &c).await?;
+        created.retain(|x| x != &c);
     }
-    Ok(created)
+    Ok(())
+}
+
+/// The object's kind, namespace and name, if it is of a watched kind and named.
+fn identify(value: &serde_json::Value) -> Option<Created> {
+    let field = |k: &str| value.get(k)?.as_str().map(str::to_owned);
+    let meta = |k: &str| value.get("metadata")?.get(k)?.as_str().map(str::to_owned);
+    let (api_version, kind) = (field("apiVersion")?, field("kind")?);
+    let (_, namespaced) = resource(&api_version, &kind)?;
+    let namespace = if namespaced {
+        meta("namespace").unwrap_or_else(|| "default".to_owned())
+    } else {
+        String::new()
+    };
+    Some(Created {
+        api_version,
+        kind,
+        namespace,
+        name: meta("name")?,
+    })
+}
+
+async fn apply_one(
+    client: &Client,
+    c: &Created,
+    mut value: serde_json::Value,
+) -> anyhow::Result<()> {
+    let api = api(client, c).context("known kind")?;
+    let status = value
+        .as_object_mut()
+        .and_then(|o| o.remove("status"))
+        .filter(|_| matches!(c.kind.as_str(), "Pod" | "Node" | "Service"));
+    let what = || format!("{} {}/{}", c.kind, c.namespace, c.name);
+    let params = PatchParams::apply("kplab").force();
+    let status_patch = Patch::Merge(serde_json::json!({ "status": status }));
+    let mut applied = api.patch(&c.name, &params, &Patch::Apply(&value)).await;
+    let mut replaced = false;
+    loop {
+        if applied.is_ok() && status.is_some() {
+            applied = api
+                .patch_status(&c.name, &PatchParams::default(), &status_patch)
+                .await;
+        }
+        match applied {
+            Err(kube::Error::Api(s)) if c.kind == "Pod" && s.code == 422 && !replaced => {
+                eprintln!(
+                    "lab: the API server refused to change {} ({}); replacing it",
+                    what(),
+                    s.message
+                );
+                delete(client, c).await?;
+                replaced = true;
+                applied = api.patch(&c.name, &params, &Patch::Apply(&value)).await;
+            }
+            other => {
+                return other
+                    .map(drop)
+                    .with_context(|| format!("applying {}", what()));
+            }
+        }
+    }
 }
 
 async fn delete(client: &Client, c: &Created) -> anyhow::Result<()> {
     let api = api(client, c).context("known kind")?;
-    match api
-        .delete(&c.name, &kube::api::DeleteParams::default())
-        .await
-    {
+    // Grace period 0: without a kubelet on the lab's nodes, a pod deleted gracefully would stay
+    // terminating until a pod garbage collector (if any) removed it.
+    let params = kube::api::DeleteParams {
+        grace_period_seconds: Some(0),
+        ..kube::api::DeleteParams::default()
+    };
+    match api.delete(&c.name, &params).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
         Err(e) => Err(e).with_context(|| format!("deleting {} {}/{}", c.kind, c.namespace, c.name)),

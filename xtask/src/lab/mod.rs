@@ -288,9 +288,11 @@ pub fn up(
             state.save()?;
         }
         if let Some(kc) = kubeconfig {
-            let client = runtime()?.block_on(api::client(kc))?;
-            state.created = runtime()?.block_on(api::apply(&client, &cluster.files, &[]))?;
+            let rt = runtime()?;
+            let client = rt.block_on(api::client(kc))?;
+            let applied = rt.block_on(api::apply(&client, &cluster.files, &mut state.created));
             state.save()?;
+            applied?;
             start_relays(&mut state, kc)?;
         } else {
             publish(&mut state, &cluster.files)?;
@@ -551,7 +553,9 @@ pub fn apply(dir: &Path) -> anyhow::Result<()> {
     if let Some(kc) = state.kubeconfig.clone() {
         let rt = runtime()?;
         let client = rt.block_on(api::client(&kc))?;
-        state.created = rt.block_on(api::apply(&client, &cluster.files, &state.created))?;
+        let applied = rt.block_on(api::apply(&client, &cluster.files, &mut state.created));
+        state.save()?;
+        applied?;
         state.generation += 1;
     } else {
         publish(&mut state, &cluster.files)?;
