@@ -194,7 +194,7 @@ impl Dirty {
 }
 
 /// Every watched object, indexed for the lookups translation needs.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Index {
     pub services: BTreeMap<NsName, Service>,
     slices: BTreeMap<NsName, EndpointSlice>,

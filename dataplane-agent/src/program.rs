@@ -43,7 +43,7 @@ pub struct SyncReport {
     pub warnings: Vec<String>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct IdPool {
     next: u32,
     max: u32,
@@ -74,7 +74,7 @@ impl IdPool {
 }
 
 /// Keeps the translation maps equal to what the index says, one service at a time.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Programmer {
     programmed: BTreeMap<NsName, Vec<FrontendSpec>>,
     /// Which service owns each frontend; a second service claiming it is refused.

@@ -1,0 +1,307 @@
+//! The datapath's cost per packet, reported by the kernel (BPF_PROG_TEST_RUN's `duration`), for
+//! each program and path, against an empty program of the same hook (`r0 = TC_ACT_OK; exit`,
+//! loaded from two raw instructions) as the floor.
+//!
+//! Every run is one packet (`repeat = 1`): the kernel runs a repeated test on the same buffer, so
+//! after the first pass the packet is already translated and later passes would measure another
+//! path. Many single runs with fresh input, and the median of what the kernel reports, measure the
+//! path named; the empty program is measured the same way.
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
+
+use anyhow::{Context as _, bail};
+use aya::programs::{TestRun as _, TestRunOptions};
+use dataplane_agent::datapath::Datapath;
+use dataplane_agent::program::Programmer;
+use dataplane_common::prog_names;
+
+use crate::cluster;
+
+const TCP: u8 = 6;
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+fn sum(bytes: &[u8], mut acc: u32) -> u32 {
+    for c in bytes.chunks(2) {
+        acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    acc
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+/// An Ethernet + IPv4 + TCP frame with valid checksums.
+#[must_use]
+pub fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend(sport.to_be_bytes());
+    tcp.extend(dport.to_be_bytes());
+    tcp.extend(1u32.to_be_bytes());
+    tcp.extend(0u32.to_be_bytes());
+    tcp.extend([5 << 4, flags]);
+    tcp.extend(64240u16.to_be_bytes());
+    tcp.extend([0, 0, 0, 0]);
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend(src.octets());
+    pseudo.extend(dst.octets());
+    pseudo.extend([0, TCP]);
+    pseudo.extend(20u16.to_be_bytes());
+    let c = fold(sum(&tcp, sum(&pseudo, 0)));
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend(40u16.to_be_bytes());
+    ip.extend([0, 1, 0x40, 0, 64, TCP, 0, 0]);
+    ip.extend(src.octets());
+    ip.extend(dst.octets());
+    let c = fold(sum(&ip, 0));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut frame = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+    frame.extend(ip);
+    frame.extend(tcp);
+    frame
+}
+
+/// The empty TC program, loaded from raw instructions.
+pub struct Empty {
+    fd: OwnedFd,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoad {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    pad: [u64; 12],
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    pad: u32,
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+
+impl Empty {
+    /// Loads `r0 = 0 (TC_ACT_OK); exit`.
+    ///
+    /// # Errors
+    /// The kernel refused the program (no CAP_BPF).
+    pub fn load() -> anyhow::Result<Empty> {
+        // mov64 r0, 0 ; exit
+        let insns: [u64; 2] = [0xb7, 0x95];
+        let license = c"GPL";
+        let attr = ProgLoad {
+            prog_type: BPF_PROG_TYPE_SCHED_CLS,
+            insn_cnt: 2,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            ..ProgLoad::default()
+        };
+        // SAFETY: attr points at valid memory for the call's duration.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_LOAD,
+                &raw const attr,
+                size_of::<ProgLoad>(),
+            )
+        };
+        if fd < 0 {
+            bail!(
+                "loading the empty program: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        // SAFETY: the kernel returned a new fd that nothing else owns.
+        Ok(Empty {
+            fd: unsafe { OwnedFd::from_raw_fd(i32::try_from(fd)?) },
+        })
+    }
+
+    /// One run; the kernel's duration in ns.
+    ///
+    /// # Errors
+    /// The test run failed.
+    pub fn run(&self, frame: &[u8]) -> anyhow::Result<u64> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut attr = TestRunAttr {
+            prog_fd: u32::try_from(self.fd.as_fd().as_raw_fd())?,
+            data_size_in: u32::try_from(frame.len())?,
+            data_size_out: u32::try_from(out.len())?,
+            data_in: frame.as_ptr() as u64,
+            data_out: out.as_mut_ptr() as u64,
+            repeat: 1,
+            ..TestRunAttr::default()
+        };
+        // SAFETY: the buffers outlive the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &raw mut attr,
+                size_of::<TestRunAttr>(),
+            )
+        };
+        if r < 0 {
+            bail!("test run: {}", std::io::Error::last_os_error());
+        }
+        Ok(u64::from(attr.duration))
+    }
+}
+
+/// One of our programs on one frame; the kernel's duration in ns and the verdict.
+fn run(dp: &Datapath, prog: &str, frame: &[u8]) -> anyhow::Result<(u64, u32)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = dp.program(prog)?.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ..Default::default()
+    })?;
+    Ok((
+        u64::try_from(r.duration.as_nanos()).unwrap_or(u64::MAX),
+        r.return_value,
+    ))
+}
+
+/// Kernel-reported ns per packet for each path at one scale: the median, and the mean after
+/// dropping the slowest 1% (interrupts, migrations).
+#[derive(Debug, serde::Serialize)]
+pub struct PathCost {
+    pub path: &'static str,
+    pub program: &'static str,
+    pub median_ns: f64,
+    pub trimmed_mean_ns: f64,
+    pub runs: usize,
+}
+
+fn summarise(path: &'static str, program: &'static str, mut ns: Vec<u64>) -> PathCost {
+    ns.sort_unstable();
+    let runs = ns.len();
+    let median_ns = ns[runs / 2] as f64;
+    let kept = &ns[..runs - runs / 100];
+    let trimmed_mean_ns = kept.iter().sum::<u64>() as f64 / kept.len() as f64;
+    PathCost {
+        path,
+        program,
+        median_ns,
+        trimmed_mean_ns,
+        runs,
+    }
+}
+
+/// Per-scale results.
+#[derive(Debug, serde::Serialize)]
+pub struct Scale {
+    pub services: usize,
+    pub endpoints_per_service: usize,
+    pub paths: Vec<PathCost>,
+}
+
+/// Measures every path with `n` Services of `endpoints` endpoints programmed, `runs` packets each.
+///
+/// # Errors
+/// Loading, programming or a test run failed.
+pub fn measure(n: usize, endpoints: usize, runs: usize) -> anyhow::Result<Scale> {
+    let mut dp = Datapath::load().context("loading the eBPF object (needs root)")?;
+    let objects = cluster::objects(n, endpoints, &[]);
+    let index = cluster::index(&objects);
+    let mut programmer = Programmer::default();
+    for svc in index.services.keys() {
+        let report = programmer.sync_service(&index, svc, &mut dp);
+        if let Some(e) = report.write_errors.first() {
+            bail!("programming {n} Services: {e}");
+        }
+    }
+    // The Service in the middle of the table.
+    let target = n / 2;
+    let vip = cluster::filler_vip(target);
+    let client = Ipv4Addr::new(10, 244, 1, 10);
+    let empty = Empty::load()?;
+    let mut paths = Vec::new();
+
+    // New flows: a new source port each time, so every packet misses conntrack and picks a backend.
+    let frames: Vec<Vec<u8>> = (0..runs)
+        .map(|i| tcp_frame(client, 10_000 + (i % 50_000) as u16, vip, 80, SYN))
+        .collect();
+    let mut ns = Vec::with_capacity(runs);
+    for f in &frames {
+        let (d, verdict) = run(&dp, prog_names::FROM_POD, f)?;
+        if verdict != 0 {
+            bail!("new flow: verdict {verdict}, expected TC_ACT_OK");
+        }
+        ns.push(d);
+    }
+    paths.push(summarise("new flow", prog_names::FROM_POD, ns));
+
+    // Established: one flow, its conntrack entry made by the first packet.
+    let est = tcp_frame(client, 9_000, vip, 80, ACK);
+    let mut out = vec![0u8; est.len() + 256];
+    let first = dp.program(prog_names::FROM_POD)?.test_run(TestRunOptions {
+        data_in: Some(&est),
+        data_out: Some(&mut out),
+        ..Default::default()
+    })?;
+    out.truncate(first.data_size_out as usize);
+    let backend = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+    if backend == vip {
+        bail!("established flow was not translated");
+    }
+    let ns = (0..runs)
+        .map(|_| run(&dp, prog_names::FROM_POD, &est).map(|r| r.0))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    paths.push(summarise("established flow", prog_names::FROM_POD, ns));
+
+    // Replies of that flow, from the backend, reverse-translated on the way into the client pod.
+    let reply = tcp_frame(backend, 8080, client, 9_000, ACK);
+    let ns = (0..runs)
+        .map(|_| run(&dp, prog_names::TO_POD, &reply).map(|r| r.0))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    paths.push(summarise("reply", prog_names::TO_POD, ns));
+
+    // Traffic to a pod address, not a Service: what non-Service traffic pays.
+    let pod = tcp_frame(client, 9_001, Ipv4Addr::new(10, 244, 2, 30), 8080, ACK);
+    let ns = (0..runs)
+        .map(|_| run(&dp, prog_names::FROM_POD, &pod).map(|r| r.0))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    paths.push(summarise("not a Service", prog_names::FROM_POD, ns));
+
+    let ns = (0..runs)
+        .map(|_| empty.run(&est))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    paths.push(summarise("empty program", "empty", ns));
+    Ok(Scale {
+        services: n,
+        endpoints_per_service: endpoints,
+        paths,
+    })
+}
