@@ -38,7 +38,9 @@ fn benches(c: &mut Criterion) {
 
     // One endpoint added to the middle Service: re-sync it against the full state.
     let mut changed = index.clone();
-    let eps: Vec<_> = (0..11).map(|j| cluster::filler_endpoint(N / 2, j)).collect();
+    let eps: Vec<_> = (0..11)
+        .map(|j| cluster::filler_endpoint(N / 2, j))
+        .collect();
     let slice = cluster::slice(&mid.name, 8080, &eps);
     let _ = changed.apply(Object::parse(Kind::EndpointSlice, slice).unwrap());
     c.bench_function("sync one Service after an endpoint change", |b| {
@@ -51,9 +53,12 @@ fn benches(c: &mut Criterion) {
 
     let mut after = full.clone();
     programmer.clone().sync_service(&changed, &mid, &mut after);
-    c.bench_function("diff of 10k Services' map state, one endpoint changed", |b| {
-        b.iter(|| diff(&full, &after).len());
-    });
+    c.bench_function(
+        "diff of 10k Services' map state, one endpoint changed",
+        |b| {
+            b.iter(|| diff(&full, &after).len());
+        },
+    );
 }
 
 criterion_group! {

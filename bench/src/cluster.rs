@@ -111,7 +111,10 @@ pub fn index(objects: &[serde_json::Value]) -> Index {
 
 /// What kube-proxy (and our agent) would program: every Service's frontends, in list order.
 #[must_use]
-pub fn translated(objects: &[serde_json::Value], index: &Index) -> Vec<(NsName, Vec<FrontendSpec>)> {
+pub fn translated(
+    objects: &[serde_json::Value],
+    index: &Index,
+) -> Vec<(NsName, Vec<FrontendSpec>)> {
     objects
         .iter()
         .filter(|o| o["kind"] == "Service")
@@ -162,6 +165,10 @@ mod tests {
         let web = &t[5];
         assert_eq!(web.0.name, "web");
         assert_eq!(web.1[0].backends.len(), 2);
-        assert!(t.iter().filter(|(n, _)| n.name != "web").all(|(_, f)| f[0].backends.len() == 10));
+        assert!(
+            t.iter()
+                .filter(|(n, _)| n.name != "web")
+                .all(|(_, f)| f[0].backends.len() == 10)
+        );
     }
 }

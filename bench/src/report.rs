@@ -19,7 +19,7 @@ pub fn write(results: &Value, out: &Path) -> anyhow::Result<()> {
     let m = &results["machine"];
     let _ = writeln!(
         md,
-        "# Benchmark results\n\n{} on {} ({} CPUs), kernel {}; `cargo xtask bench {}`, {:.0} s in all.\n",
+        "# Benchmark results\n\n{} on {} ({} CPUs), kernel {}; `cargo xtask {}`, {:.0} s in all.\n",
         m["date"].as_str().unwrap_or("?"),
         m["cpu"].as_str().unwrap_or("?"),
         m["cpus"],
@@ -148,15 +148,13 @@ fn lab(md: &mut String, d: &Value, out: &Path) -> anyhow::Result<()> {
     for r in rows {
         let mode = r["mode"].as_str().unwrap_or("?").to_owned();
         if let Some(note) = r["note"].as_str() {
-            let _ = writeln!(
-                md,
-                "| {} | {mode} | {note} | | | | | |",
-                r["services"]
-            );
+            let _ = writeln!(md, "| {} | {mode} | {note} | | | | | |", r["services"]);
             continue;
         }
         let p50 = f(&r["p50_us"]);
-        let overhead = p50.zip(direct(&r["services"], "p50_us")).map(|(a, b)| a - b);
+        let overhead = p50
+            .zip(direct(&r["services"], "p50_us"))
+            .map(|(a, b)| a - b);
         let gbps = f(&r["gbps"]);
         let share = gbps
             .zip(direct(&r["services"], "gbps"))
@@ -225,7 +223,10 @@ fn control(md: &mut String, d: &Value, rss: &Value, out: &Path) -> anyhow::Resul
         }
     }
     if let Some(rss) = rss.as_array() {
-        let _ = writeln!(md, "\nAgent peak RSS (VmHWM of the running agent in the lab):\n");
+        let _ = writeln!(
+            md,
+            "\nAgent peak RSS (VmHWM of the running agent in the lab):\n"
+        );
         for r in rss {
             let _ = writeln!(
                 md,
@@ -310,7 +311,9 @@ fn plot(
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         chart
             .draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled())))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -332,7 +335,11 @@ pub fn machine(args: &str, elapsed_s: f64) -> Value {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let cpu = read("/proc/cpuinfo")
         .lines()
-        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, v)| v.trim().to_owned())
+        })
         .unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let kernel = read("/proc/sys/kernel/osrelease").trim().to_owned();

@@ -450,6 +450,44 @@ fn established_flows_survive_backend_changes_and_closed_tuples_reselect() {
 }
 
 #[test]
+fn a_direct_connection_on_a_reused_tuple_is_not_translated_as_the_old_service_one() {
+    let mut dp = load();
+    add_service(&mut dp, VIP, 80, Proto::Tcp, &[(BACKEND_A, 8080)]);
+    add_service(&mut dp, VIP, 53, Proto::Udp, &[(BACKEND_B, 5353)]);
+    send(&dp, &Pkt::tcp(CLIENT, 44000, VIP, 80, SYN));
+    send(&dp, &Pkt::udp(CLIENT, 44001, VIP, 53));
+    // The same source ports, now straight to the backends' own addresses.
+    for (direct, reply) in [
+        (
+            Pkt::tcp(CLIENT, 44000, BACKEND_A, 8080, SYN),
+            Pkt::tcp(BACKEND_A, 8080, CLIENT, 44000, SYN | ACK),
+        ),
+        (
+            Pkt::udp(CLIENT, 44001, BACKEND_B, 5353),
+            Pkt::udp(BACKEND_B, 5353, CLIENT, 44001),
+        ),
+    ] {
+        let frame = direct.build();
+        assert_eq!(run(&dp, prog_names::FROM_POD, &frame), (TC_ACT_OK, frame));
+        let frame = reply.build();
+        assert_eq!(
+            run(&dp, prog_names::TO_POD, &frame),
+            (TC_ACT_OK, frame),
+            "the answer keeps the backend's address"
+        );
+    }
+    assert!(
+        dp.conntrack_entries().unwrap().is_empty(),
+        "the Service connections' entries are gone"
+    );
+    // A new Service connection from the same port is translated again.
+    assert_eq!(
+        send(&dp, &Pkt::tcp(CLIENT, 44000, VIP, 80, SYN)).dst,
+        ip(BACKEND_A)
+    );
+}
+
+#[test]
 fn service_without_endpoints_rejects_tcp_with_rst() {
     let mut dp = load();
     add_service(&mut dp, VIP, 80, Proto::Tcp, &[]);

@@ -125,6 +125,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     };
     // SAFETY: the value is copied out at once.
     let Some(header) = (unsafe { SERVICES.get(svc_key) }).copied() else {
+        forget_reused_tuple(&pkt);
         return Ok(TC_ACT_OK);
     };
     count_service(header.rev_nat_id, ctx.len());
@@ -185,6 +186,38 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         return hairpin(ctx, &pkt, HAIRPIN_ADDR, pkt.sport);
     }
     Ok(TC_ACT_OK)
+}
+
+/// A pod opens a connection straight to an address that a Service connection of the same source
+/// port was translated to (the kernel picks source ports per destination, so this happens). On the
+/// wire both are the same tuple, so the backend's answers would match that connection's reply entry
+/// and be rewritten to the Service address: the pod's newer connection wins, and the Service
+/// connection's entries go. Checked on a TCP SYN, and on every UDP datagram (no handshake).
+#[inline(always)]
+fn forget_reused_tuple(pkt: &Packet) {
+    if !(pkt.is_tcp_syn() || pkt.proto == PROTO_UDP) {
+        return;
+    }
+    let reply_key = CtKey {
+        saddr: pkt.daddr,
+        daddr: pkt.saddr,
+        sport: pkt.dport,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(reply) = (unsafe { CONNTRACK.get(&reply_key) }).copied() else {
+        return;
+    };
+    let forward_key = CtKey {
+        daddr: reply.nat_addr,
+        dport: reply.nat_port,
+        ..pkt.ct_key(CT_DIR_SERVICE)
+    };
+    let _ = CONNTRACK.remove(&reply_key);
+    let _ = CONNTRACK.remove(&forward_key);
 }
 
 /// The reply of a hairpinned connection, sent by the backend pod to [`HAIRPIN_ADDR`]: restore the

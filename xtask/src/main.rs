@@ -1,4 +1,5 @@
 //! `cargo xtask`: setup, the lab, the demo and the test suite.
+mod bench;
 mod demo;
 mod lab;
 mod setup;
@@ -23,6 +24,8 @@ enum Cmd {
     Demo,
     /// Every test: unit, BPF_PROG_TEST_RUN packet tests, lab end-to-end (needs root).
     Test,
+    /// Benchmarks against kube-proxy's modes, side by side; writes bench/results.
+    Bench(bench::BenchArgs),
     /// The lab: a cluster of network namespaces built from Kubernetes manifests.
     Lab {
         #[command(subcommand)]
@@ -111,5 +114,6 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test => test(),
         Cmd::Lab { command } => lab::main(command),
+        Cmd::Bench(args) => bench::run_all(args),
     }
 }

@@ -19,6 +19,10 @@ const APT_PACKAGES: &[&str] = &[
     // cleanup-kube-proxy and its test: both iptables backends and nft.
     "iptables",
     "nftables",
+    // The benchmark: real servers and load generators in lab pods.
+    "nginx",
+    "wrk",
+    "iperf3",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -23,6 +23,10 @@ pub struct PodSpec {
     pub ip: Ipv4Addr,
     pub tcp: Vec<u16>,
     pub udp: Vec<u16>,
+    /// A real server to run instead of the lab's own (annotation `kplab.dev/server`: `nginx`
+    /// on the first TCP port, or `iperf3`).
+    #[serde(default)]
+    pub server: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -165,6 +169,11 @@ fn pod_spec(pod: &Pod) -> Option<PodSpec> {
         ip: pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?,
         tcp,
         udp,
+        server: pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("kplab.dev/server").cloned()),
     })
 }
 

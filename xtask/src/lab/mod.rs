@@ -323,6 +323,19 @@ fn add_pod(state: &State, pod: &PodSpec) -> anyhow::Result<PodState> {
     let (netns, host_if) =
         topology::create_pod(&state.prefix, pod, &node_netns(state, &pod.node)?)?;
     let log = home().join(format!("pod-{}.log", pod.key.replace('/', ".")));
+    let server_pid = match pod.server.as_deref() {
+        None => spawn_lab_server(pod, &netns, &log)?,
+        Some(server) => serve::spawn_real(server, pod, &netns, &home(), &log)?,
+    };
+    Ok(PodState {
+        spec: pod.clone(),
+        netns,
+        host_if,
+        server_pid,
+    })
+}
+
+fn spawn_lab_server(pod: &PodSpec, netns: &str, log: &Path) -> anyhow::Result<u32> {
     let mut args = vec![
         "lab".to_owned(),
         "serve".to_owned(),
@@ -335,13 +348,7 @@ fn add_pod(state: &State, pod: &PodSpec) -> anyhow::Result<PodState> {
     for p in &pod.udp {
         args.extend(["--udp".to_owned(), p.to_string()]);
     }
-    let server_pid = topology::spawn_in(Some(&netns), &std::env::current_exe()?, &args, &log)?;
-    Ok(PodState {
-        spec: pod.clone(),
-        netns,
-        host_if,
-        server_pid,
-    })
+    topology::spawn_in(Some(netns), &std::env::current_exe()?, &args, log)
 }
 
 fn node_netns(state: &State, node: &str) -> anyhow::Result<String> {
@@ -605,6 +612,32 @@ fn agents(action: &str) -> anyhow::Result<()> {
     wait_programmed(&state, &files)?;
     eprintln!("lab: agents started and programmed");
     Ok(())
+}
+
+/// Stops the agents and removes their pins, so their programs detach from every interface and
+/// the lab's traffic goes through the kernel alone (the benchmark's baselines).
+///
+/// # Errors
+/// The lab is not up, or a pin could not be removed.
+pub fn detach_datapath() -> anyhow::Result<()> {
+    agents("stop")?;
+    let pins = home().join("bpf");
+    for entry in std::fs::read_dir(&pins)? {
+        // Each node's pins are in a directory; the files beside them are bpffs's own.
+        let path = entry?.path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// The lab's state, as `lab status` prints it.
+///
+/// # Errors
+/// The lab is not up.
+pub fn state() -> anyhow::Result<State> {
+    State::load()
 }
 
 /// Stops every lab process and removes every lab namespace and file, state or no state.

@@ -100,3 +100,54 @@ pub fn main(args: &ServeArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Starts a real server in a pod's namespace: nginx answering every request on the pod's first
+/// TCP port with its name (no access log, one worker), or an iperf3 server on it.
+///
+/// # Errors
+/// The pod has no TCP port, the server is unknown, or it could not be started.
+pub fn spawn_real(
+    server: &str,
+    pod: &super::cluster::PodSpec,
+    netns: &str,
+    home: &std::path::Path,
+    log: &std::path::Path,
+) -> anyhow::Result<u32> {
+    let port = *pod
+        .tcp
+        .first()
+        .with_context(|| format!("pod {} runs {server} but has no TCP port", pod.key))?;
+    let dir = home.join("pods").join(pod.key.replace('/', "."));
+    std::fs::create_dir_all(&dir)?;
+    let args: Vec<String> = match server {
+        "nginx" => {
+            let d = dir.display();
+            let conf = format!(
+                "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+                 events {{ worker_connections 4096; }}\n\
+                 http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+                 fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+                 server {{\n    listen {ip}:{port};\n    location / {{ return 200 \"{key}\\n\"; }}\n  }}\n}}\n",
+                ip = pod.ip,
+                key = pod.key
+            );
+            let path = dir.join("nginx.conf");
+            std::fs::write(&path, conf)?;
+            vec![
+                "-c".into(),
+                path.display().to_string(),
+                "-e".into(),
+                dir.join("error.log").display().to_string(),
+            ]
+        }
+        "iperf3" => vec![
+            "-s".into(),
+            "-B".into(),
+            pod.ip.to_string(),
+            "-p".into(),
+            port.to_string(),
+        ],
+        other => anyhow::bail!("pod {}: unknown server {other:?}", pod.key),
+    };
+    super::topology::spawn_in(Some(netns), std::path::Path::new(server), &args, log)
+}
