@@ -68,9 +68,11 @@ enum Cmd {
     },
 }
 
-/// The lab's real pods: a client, ten nginx backends of the web Service, an iperf3 server.
+/// The lab's real pods: a client, ten nginx backends of the web Service (the first also alone
+/// behind web-one, for wrk against one server either way), an iperf3 server.
 const NODE: (&str, &str, &str) = ("node-a", "172.31.0.2", "10.245.1.0/24");
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 250, 10);
+const WEB_ONE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 250, 11);
 const IPERF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 250, 20);
 
 fn gen_lab(services: usize, out: &std::path::Path) -> anyhow::Result<()> {
@@ -85,6 +87,13 @@ fn gen_lab(services: usize, out: &std::path::Path) -> anyhow::Result<()> {
             port: 80,
             target_port: 8080,
             backends: web.clone(),
+        },
+        cluster::Real {
+            name: "web-one".into(),
+            vip: WEB_ONE_VIP,
+            port: 80,
+            target_port: 8080,
+            backends: vec![web[0]],
         },
         cluster::Real {
             name: "iperf".into(),
@@ -129,6 +138,8 @@ fn gen_lab(services: usize, out: &std::path::Path) -> anyhow::Result<()> {
     let plan = json!({
         "client": format!("{}/client", cluster::NAMESPACE),
         "web_vip": format!("{WEB_VIP}:80"),
+        "web_pods": web.iter().map(|w| format!("{w}:8080")).collect::<Vec<_>>(),
+        "web_one_vip": format!("{WEB_ONE_VIP}:80"),
         "web_direct": format!("{}:8080", web[0]),
         "iperf_vip": IPERF_VIP.to_string(),
         "iperf_direct": iperf.to_string(),

@@ -129,11 +129,14 @@ fn lab(md: &mut String, d: &Value, out: &Path) -> anyhow::Result<()> {
     };
     let _ = writeln!(
         md,
-        "## Through the real kernel (lab)\n\nA client pod and nginx pods on one lab node, the Service in the middle \
-         of N Services of 10 endpoints each (iptables walks KUBE-SERVICES half way). Latency: TCP connect plus one \
-         HTTP request and response through the ClusterIP (\"pod IP\": to a backend's own address, with the mode \
-         loaded). Requests/s: wrk through the ClusterIP. Throughput: iperf3 through a ClusterIP. Overhead = p50 minus \
-         direct's p50 at the same scale.\n"
+        "## Through the real kernel (lab)\n\nOne lab node: a client pod, ten nginx pods behind a Service in the middle \
+         of N Services of 10 endpoints each (iptables walks KUBE-SERVICES half way), an iperf3 pod. Latency: a new TCP \
+         connection plus one HTTP request and its response, through the ClusterIP; \"direct\" goes to the ten pods' \
+         own addresses in turn (the floor); \"pod IP\" is the same with the mode loaded. Requests/s: wrk (1 thread, \
+         8 connections) against one nginx pod through a single-endpoint ClusterIP (direct: its address). \
+         Throughput: iperf3, one stream, through a ClusterIP. Overhead = p50 minus direct's p50 at the same scale. \
+         Modes run in turn in the same lab: ours, then (programs detached) direct, nftables, iptables-nft, \
+         iptables-legacy.\n"
     );
     let _ = writeln!(
         md,
