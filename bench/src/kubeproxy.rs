@@ -334,8 +334,7 @@ mod tests {
         // The nodeports jump is the last rule of KUBE-SERVICES.
         let last = rules
             .lines()
-            .filter(|l| l.starts_with("-A KUBE-SERVICES"))
-            .last()
+            .rfind(|l| l.starts_with("-A KUBE-SERVICES"))
             .unwrap();
         assert!(last.contains("KUBE-NODEPORTS"));
     }

@@ -420,6 +420,9 @@ fn measure(
     )
 }
 
+/// A kube-proxy mode in the lab: name, loader, rules file, cleanup commands.
+type Baseline<'a> = (&'a str, &'a [&'a str], &'a str, &'a [&'a [&'a str]]);
+
 fn capped_in_control(control: &Value, mode: &str, n: usize) -> bool {
     control.as_array().is_some_and(|rows| {
         rows.iter().any(|r| {
@@ -460,7 +463,7 @@ fn lab_scale(
     lab::detach_datapath()?;
     rows.push(measure(a, &p, n, "direct", None)?);
 
-    let modes: [(&str, &[&str], &str, &[&[&str]]); 3] = [
+    let modes: [Baseline; 3] = [
         (
             "nftables",
             &["nft", "-f", "-"],
