@@ -208,7 +208,7 @@ fn forget_reused_tuple(pkt: &Packet) {
         pad: 0,
     };
     // SAFETY: the value is copied out at once.
-    let Some(reply) = (unsafe { CONNTRACK.get(&reply_key) }).copied() else {
+    let Some(reply) = (unsafe { CONNTRACK.get(reply_key) }).copied() else {
         return;
     };
     let forward_key = CtKey {
@@ -216,8 +216,8 @@ fn forget_reused_tuple(pkt: &Packet) {
         dport: reply.nat_port,
         ..pkt.ct_key(CT_DIR_SERVICE)
     };
-    let _ = CONNTRACK.remove(&reply_key);
-    let _ = CONNTRACK.remove(&forward_key);
+    let _ = CONNTRACK.remove(reply_key);
+    let _ = CONNTRACK.remove(forward_key);
 }
 
 /// The reply of a hairpinned connection, sent by the backend pod to [`HAIRPIN_ADDR`]: restore the
