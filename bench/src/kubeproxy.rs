@@ -64,22 +64,21 @@ fn iptables_service(out: &mut String, svc: &NsName, fe: &FrontendSpec, chains: &
     for (i, b) in fe.backends.iter().enumerate() {
         let sep = sep_chain(svc, fe, b);
         let _ = writeln!(chains, ":{sep} - [0:0]");
+        // The last endpoint takes what the others left, unconditionally.
         let remaining = n - i;
-        if remaining > 1 {
-            let _ = writeln!(
-                out,
-                "-A {chain} -m comment --comment \"{name} -> {}:{}\" -m statistic --mode random --probability {:.10} -j {sep}",
-                b.addr,
-                b.port,
+        let statistic = if remaining > 1 {
+            format!(
+                " -m statistic --mode random --probability {:.10}",
                 1.0 / remaining as f64
-            );
+            )
         } else {
-            let _ = writeln!(
-                out,
-                "-A {chain} -m comment --comment \"{name} -> {}:{}\" -j {sep}",
-                b.addr, b.port
-            );
-        }
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "-A {chain} -m comment --comment \"{name} -> {}:{}\"{statistic} -j {sep}",
+            b.addr, b.port
+        );
         let _ = writeln!(
             out,
             "-A {sep} -m comment --comment \"{name}\" -s {}/32 -j KUBE-MARK-MASQ",

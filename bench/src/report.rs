@@ -174,10 +174,7 @@ fn lab(md: &mut String, d: &Value, out: &Path) -> anyhow::Result<()> {
             fmt(gbps, 2),
         );
         if let (Some(p), Some(n)) = (p50, f(&r["services"])) {
-            match latency.iter_mut().find(|(m, _)| *m == mode) {
-                Some((_, pts)) => pts.push((n, p)),
-                None => latency.push((mode, vec![(n, p)])),
-            }
+            add_point(&mut latency, mode, (n, p));
         }
     }
     plot(
@@ -219,10 +216,7 @@ fn control(md: &mut String, d: &Value, rss: &Value, out: &Path) -> anyhow::Resul
             fmt(f(&r["change"]["p99_ms"]), 2)
         );
         if let (Some(s), Some(n)) = (full, f(&r["services"])) {
-            match series.iter_mut().find(|(m, _)| *m == mode) {
-                Some((_, pts)) => pts.push((n, s)),
-                None => series.push((mode, vec![(n, s)])),
-            }
+            add_point(&mut series, mode, (n, s));
         }
     }
     if let Some(rss) = rss.as_array() {
@@ -270,6 +264,14 @@ fn criterion(md: &mut String, d: &Value) {
         let _ = writeln!(md, "| {} | {t} |", r["name"].as_str().unwrap_or("?"));
     }
     let _ = writeln!(md);
+}
+
+/// Adds a point to the series named `name`, starting it if needed.
+fn add_point(series: &mut Vec<(String, Vec<(f64, f64)>)>, name: String, point: (f64, f64)) {
+    match series.iter_mut().find(|(m, _)| *m == name) {
+        Some((_, pts)) => pts.push(point),
+        None => series.push((name, vec![point])),
+    }
 }
 
 /// A log-log line plot, one series per mode or path.

@@ -193,6 +193,11 @@ fn run(dp: &Datapath, prog: &str, frame: &[u8]) -> anyhow::Result<(u64, u32)> {
     ))
 }
 
+/// `runs` single-packet runs of the same frame.
+fn repeated(runs: usize, mut one: impl FnMut() -> anyhow::Result<u64>) -> anyhow::Result<Vec<u64>> {
+    (0..runs).map(|_| one()).collect()
+}
+
 /// Kernel-reported ns per packet for each path at one scale: the median, and the mean after
 /// dropping the slowest 1% (interrupts, migrations).
 #[derive(Debug, serde::Serialize)]
@@ -276,28 +281,20 @@ pub fn measure(n: usize, endpoints: usize, runs: usize) -> anyhow::Result<Scale>
     if backend == vip {
         bail!("established flow was not translated");
     }
-    let ns = (0..runs)
-        .map(|_| run(&dp, prog_names::FROM_POD, &est).map(|r| r.0))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let ns = repeated(runs, || run(&dp, prog_names::FROM_POD, &est).map(|r| r.0))?;
     paths.push(summarise("established flow", prog_names::FROM_POD, ns));
 
     // Replies of that flow, from the backend, reverse-translated on the way into the client pod.
     let reply = tcp_frame(backend, 8080, client, 9_000, ACK);
-    let ns = (0..runs)
-        .map(|_| run(&dp, prog_names::TO_POD, &reply).map(|r| r.0))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let ns = repeated(runs, || run(&dp, prog_names::TO_POD, &reply).map(|r| r.0))?;
     paths.push(summarise("reply", prog_names::TO_POD, ns));
 
     // Traffic to a pod address, not a Service: what non-Service traffic pays.
     let pod = tcp_frame(client, 9_001, Ipv4Addr::new(10, 244, 2, 30), 8080, ACK);
-    let ns = (0..runs)
-        .map(|_| run(&dp, prog_names::FROM_POD, &pod).map(|r| r.0))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let ns = repeated(runs, || run(&dp, prog_names::FROM_POD, &pod).map(|r| r.0))?;
     paths.push(summarise("not a Service", prog_names::FROM_POD, ns));
 
-    let ns = (0..runs)
-        .map(|_| empty.run(&est))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let ns = repeated(runs, || empty.run(&est))?;
     paths.push(summarise("empty program", "empty", ns));
     Ok(Scale {
         services: n,

@@ -684,6 +684,7 @@ fn with_an_api_server_objects_are_created_agents_watch_them_and_down_deletes_the
             .get(&(plural.to_owned(), ns.to_owned(), name.to_owned()))
             .cloned()
     };
+    let requested = |f: fn(&str) -> bool| api.store.lock().unwrap().requests.iter().any(|r| f(r));
     let pod = object("pods", "t", "web-1").expect("pods created");
     assert_eq!(pod["status"]["podIP"], "10.245.1.21", "with their status");
     let node = object("nodes", "", "node-a").expect("nodes created");
@@ -693,9 +694,10 @@ fn with_an_api_server_objects_are_created_agents_watch_them_and_down_deletes_the
         "the pods' namespace"
     );
     assert!(
-        api.store.lock().unwrap().requests.iter().any(|r| r
-            .starts_with("GET /apis/discovery.k8s.io/v1/endpointslices?")
-            && r.contains("watch=true")),
+        requested(
+            |r| r.starts_with("GET /apis/discovery.k8s.io/v1/endpointslices?")
+                && r.contains("watch=true")
+        ),
         "the agents watch the API server"
     );
 
@@ -716,12 +718,7 @@ fn with_an_api_server_objects_are_created_agents_watch_them_and_down_deletes_the
         8081
     );
     assert!(
-        api.store
-            .lock()
-            .unwrap()
-            .requests
-            .iter()
-            .any(|r| r.starts_with("DELETE /api/v1/namespaces/t/pods/extra")),
+        requested(|r| r.starts_with("DELETE /api/v1/namespaces/t/pods/extra")),
         "replaced by delete and create"
     );
 
