@@ -60,6 +60,13 @@ fn iptables_service(out: &mut String, svc: &NsName, fe: &FrontendSpec, chains: &
     let name = port_name(svc, fe);
     let chain = svc_chain(svc, fe);
     let _ = writeln!(chains, ":{chain} - [0:0]");
+    // As kube-proxy: traffic from outside the pod network is marked for masquerade first, then an
+    // endpoint is chosen.
+    let _ = writeln!(
+        out,
+        "-A {chain} -m comment --comment \"{name} cluster IP\" -m {p} -p {p} -d {}/32 --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
+        f.addr, f.port
+    );
     let n = fe.backends.len();
     for (i, b) in fe.backends.iter().enumerate() {
         let sep = sep_chain(svc, fe, b);
@@ -90,11 +97,6 @@ fn iptables_service(out: &mut String, svc: &NsName, fe: &FrontendSpec, chains: &
             b.addr, b.port
         );
     }
-    let _ = writeln!(
-        out,
-        "-A {chain} -m comment --comment \"{name} cluster IP\" -m {p} -p {p} -d {}/32 --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
-        f.addr, f.port
-    );
 }
 
 /// The `iptables-restore --noflush` input kube-proxy's iptables mode writes for these Services.
