@@ -30,6 +30,9 @@ use crate::program::Programmer;
 const CT_TCP_OPEN: Duration = Duration::from_secs(6 * 3600);
 const CT_TCP_CLOSING: Duration = Duration::from_secs(10);
 const CT_UDP: Duration = Duration::from_secs(60);
+/// How often the datapath's clock advances, and how often conntrack is swept.
+const CLOCK_TICK: Duration = Duration::from_millis(250);
+const GC_PERIOD: Duration = Duration::from_secs(10);
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -188,9 +191,17 @@ impl Agent {
         }
     }
 
+    /// Advances the datapath's clock (conntrack timestamps).
+    pub fn tick_clock(&mut self) {
+        if let Err(e) = self.datapath.tick_clock() {
+            self.count_errors("clock", 1);
+            warn!("{e:#}");
+        }
+    }
+
     /// Removes conntrack entries idle past their state's lifetime.
     pub fn gc_conntrack(&mut self) {
-        let now = monotonic_ns();
+        let now = crate::datapath::monotonic_ns();
         let entries = match self.datapath.conntrack_entries() {
             Ok(e) => e,
             Err(e) => {
@@ -299,16 +310,6 @@ impl Agent {
     }
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC is the clock bpf_ktime_get_ns reads.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
 /// Writes the status file atomically (temporary file, then rename).
 fn write_status(path: &std::path::Path, status: &Status) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
@@ -390,7 +391,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     let mut every_second = tokio::time::interval(Duration::from_secs(1));
-    let mut gc = tokio::time::interval(Duration::from_secs(10));
+    let mut clock = tokio::time::interval(CLOCK_TICK);
+    // Not at once: the clock may have stood still while no agent ran, so live connections get a
+    // few ticks to refresh their entries before idleness is judged.
+    let mut gc = tokio::time::interval_at(tokio::time::Instant::now() + GC_PERIOD, GC_PERIOD);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -403,6 +407,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 agent.refresh_counters();
                 report(config.status_file.as_deref(), &agent, &status_tx);
             }
+            _ = clock.tick() => agent.tick_clock(),
             _ = gc.tick() => agent.gc_conntrack(),
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
         SchedClassifier, TcAttachType,
         links::{FdLink, Link as _, PinnedLink},
@@ -56,6 +56,7 @@ pub struct Datapath {
     conntrack: HashMap<MapData, CtKey, CtValue>,
     drops: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuArray<MapData, SvcStats>,
+    clock: Array<MapData, u64>,
     attached: BTreeMap<String, Attachment>,
     pin_dir: Option<PathBuf>,
 }
@@ -80,7 +81,7 @@ impl Datapath {
     }
 
     /// Loads an eBPF object. With a pin directory (on a bpffs), conntrack is shared with earlier
-    /// agents through `<dir>/CONNTRACK_V1` and links are pinned as `<dir>/links/<iface>_ingress`
+    /// agents through `<dir>/CONNTRACK_V1` (and its clock, `<dir>/CLOCK_V1`) and links are pinned as `<dir>/links/<iface>_ingress`
     /// and `_egress` (bpffs refuses dots in names), so a restart
     /// keeps every connection; the translation maps are always fresh (and swapped in with the
     /// programs once programmed), so no half-known state is ever adopted.
@@ -93,6 +94,7 @@ impl Datapath {
             std::fs::create_dir_all(dir.join("links"))
                 .with_context(|| format!("creating {}", dir.display()))?;
             loader.map_pin_path(map_names::CONNTRACK, dir.join(map_names::CONNTRACK));
+            loader.map_pin_path(map_names::CLOCK, dir.join(map_names::CLOCK));
         }
         let mut ebpf = loader.load(object).context("loading the eBPF object")?;
         for name in [prog_names::FROM_POD, prog_names::TO_POD] {
@@ -103,16 +105,38 @@ impl Datapath {
             prog.load()
                 .with_context(|| format!("verifier refused program {name}"))?;
         }
-        Ok(Self {
+        let mut datapath = Self {
             services: take_map(&mut ebpf, map_names::SERVICES)?,
             backends: take_map(&mut ebpf, map_names::BACKENDS)?,
             conntrack: take_map(&mut ebpf, map_names::CONNTRACK)?,
             drops: take_map(&mut ebpf, map_names::DROPS)?,
             svc_stats: take_map(&mut ebpf, map_names::SVC_STATS)?,
+            clock: take_map(&mut ebpf, map_names::CLOCK)?,
             ebpf,
             attached: BTreeMap::new(),
             pin_dir: pin_dir.map(Path::to_path_buf),
-        })
+        };
+        datapath.tick_clock()?;
+        Ok(datapath)
+    }
+
+    /// Writes the current CLOCK_MONOTONIC time into the datapath's clock, which stamps conntrack
+    /// entries. The agent does this several times a second.
+    ///
+    /// # Errors
+    /// The map write failed.
+    pub fn tick_clock(&mut self) -> anyhow::Result<()> {
+        self.set_clock(monotonic_ns())
+    }
+
+    /// Sets the datapath's clock to `ns`.
+    ///
+    /// # Errors
+    /// The map write failed.
+    pub fn set_clock(&mut self, ns: u64) -> anyhow::Result<()> {
+        self.clock
+            .set(0, ns, 0)
+            .context("writing the datapath clock")
     }
 
     /// A loaded program, for `BPF_PROG_TEST_RUN`.
@@ -318,4 +342,16 @@ impl MapWriter for Datapath {
         }
         Ok(())
     }
+}
+
+/// CLOCK_MONOTONIC in ns: the time base of the datapath's clock and of conntrack timestamps.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }

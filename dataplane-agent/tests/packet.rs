@@ -449,6 +449,52 @@ fn established_flows_survive_backend_changes_and_closed_tuples_reselect() {
     );
 }
 
+/// A backend's packet towards the client pod, through `to_pod`.
+fn reply(dp: &Datapath, p: &Pkt) -> Parsed {
+    let (verdict, out) = run(dp, prog_names::TO_POD, &p.build());
+    assert_eq!(verdict, TC_ACT_OK);
+    parse_checked(&out)
+}
+
+/// The conntrack entries of one client port: (direction, last seen).
+fn seen(dp: &Datapath, client_port: u16) -> Vec<(u8, u64)> {
+    let port = client_port.to_be();
+    let mut v: Vec<_> = dp
+        .conntrack_entries()
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.sport == port || k.dport == port)
+        .map(|(k, v)| (k.dir, v.last_seen_ns))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn conntrack_entries_carry_the_agents_clock_refreshed_at_most_once_a_second() {
+    const S: u64 = 1_000_000_000;
+    let mut dp = load();
+    add_service(&mut dp, VIP, 80, Proto::Tcp, &[(BACKEND_A, 8080)]);
+    dp.set_clock(100 * S).unwrap();
+    send(&dp, &Pkt::tcp(CLIENT, 45000, VIP, 80, SYN));
+    let both = |t| vec![(CT_DIR_SERVICE, t), (CT_DIR_REPLY, t)];
+    assert_eq!(seen(&dp, 45000), both(100 * S));
+    // Within a second of the last refresh: no write.
+    dp.set_clock(100 * S + S / 2).unwrap();
+    send(&dp, &Pkt::tcp(CLIENT, 45000, VIP, 80, ACK));
+    reply(&dp, &Pkt::tcp(BACKEND_A, 8080, CLIENT, 45000, ACK));
+    assert_eq!(seen(&dp, 45000), both(100 * S));
+    // Later: each direction refreshes its own entry.
+    dp.set_clock(102 * S).unwrap();
+    send(&dp, &Pkt::tcp(CLIENT, 45000, VIP, 80, ACK));
+    assert_eq!(
+        seen(&dp, 45000),
+        vec![(CT_DIR_SERVICE, 102 * S), (CT_DIR_REPLY, 100 * S)]
+    );
+    reply(&dp, &Pkt::tcp(BACKEND_A, 8080, CLIENT, 45000, ACK));
+    assert_eq!(seen(&dp, 45000), both(102 * S));
+}
+
 #[test]
 fn a_direct_connection_on_a_reused_tuple_is_not_translated_as_the_old_service_one() {
     let mut dp = load();

@@ -7,6 +7,7 @@
 //!  CONNTRACK {saddr, daddr, sport, dport, proto, dir} --> {nat addr/port, backend, rev_nat, flags, seen}
 //!  DROPS     per-CPU [DropReason] --> packets
 //!  SVC_STATS per-CPU [rev_nat_id] --> {packets, bytes}
+//!  CLOCK     [0] --> CLOCK_MONOTONIC ns, written by the agent (conntrack timestamps)
 //! ```
 //!
 //! Every type is `#[repr(C)]` with explicit padding and a compile-time size check, so both sides agree
@@ -21,6 +22,7 @@ pub mod map_names {
     pub const CONNTRACK: &str = "CONNTRACK_V1";
     pub const DROPS: &str = "DROPS_V1";
     pub const SVC_STATS: &str = "SVC_STATS_V1";
+    pub const CLOCK: &str = "CLOCK_V1";
 }
 
 /// Program names as they appear in the eBPF object.

@@ -17,9 +17,9 @@ mod reject;
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_get_prandom_u32, bpf_redirect},
     macros::{classifier, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use dataplane_common::{
@@ -27,7 +27,7 @@ use dataplane_common::{
     DropReason, HAIRPIN_ADDR, MAX_BACKENDS, MAX_CONNTRACK, MAX_REV_NAT_IDS, MAX_SERVICE_ENTRIES,
     PROTO_UDP, SCOPE_CLUSTER, ServiceKey, ServiceValue, SvcStats,
 };
-use parse::{IPV4_OFF, Packet, TCP_FLAG_FIN, TCP_FLAG_RST};
+use parse::{IPV4_OFF, Packet, TCP_FLAG_FIN, TCP_FLAG_RST, header_mut};
 
 /// Service frontends: slot 0 is the header, slots 1..=count the backend ids. Written by the agent.
 #[map(name = "SERVICES_V1")]
@@ -49,6 +49,12 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT
 /// Packets and bytes towards each service port, by reverse-NAT id. Written by the datapath.
 #[map(name = "SVC_STATS_V1")]
 static SVC_STATS: PerCpuArray<SvcStats> = PerCpuArray::with_max_entries(MAX_REV_NAT_IDS, 0);
+
+/// CLOCK_MONOTONIC in ns, written by the agent several times a second: conntrack timestamps need
+/// no finer clock (refreshes are a second apart, idle lifetimes 10 s and up), and reading an array
+/// slot is a few instructions where a clock helper is a call (costly with return-thunk mitigations).
+#[map(name = "CLOCK_V1")]
+static CLOCK: Array<u64> = Array::with_max_entries(1, 0);
 
 /// A conntrack entry's last-seen time is refreshed at most this often, to keep per-packet map writes
 /// rare.
@@ -142,8 +148,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     // SAFETY: the value is copied out at once.
     let backend = *unsafe { BACKENDS.get(backend_id) }.ok_or(DropReason::BackendMissing)?;
 
-    // SAFETY: helper call without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     let is_hairpin = backend.addr == pkt.saddr;
     let (flags, client_addr) = if is_hairpin {
         (closing_flags(&pkt) | CT_FLAG_HAIRPIN, HAIRPIN_ADDR)
@@ -294,6 +299,12 @@ fn closing_flags(pkt: &Packet) -> u16 {
     }
 }
 
+/// The agent's clock (see [`CLOCK`]).
+#[inline(always)]
+fn now_ns() -> u64 {
+    CLOCK.get(0).copied().unwrap_or(0)
+}
+
 /// Marks the entry closing on FIN/RST and refreshes its timestamp, at most once a second.
 #[inline(always)]
 fn track(ct: &mut CtValue, pkt: &Packet) {
@@ -301,14 +312,12 @@ fn track(ct: &mut CtValue, pkt: &Packet) {
     if ct.flags & closing != closing {
         ct.flags |= closing;
     }
-    // SAFETY: helper call without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     if now.wrapping_sub(ct.last_seen_ns) > CT_REFRESH_NS {
         ct.last_seen_ns = now;
     }
 }
 
-const IP_CSUM_OFF: usize = IPV4_OFF + 10;
 const IP_SADDR_OFF: usize = IPV4_OFF + 12;
 const IP_DADDR_OFF: usize = IPV4_OFF + 16;
 
@@ -362,19 +371,17 @@ fn rewrite(
     } else {
         (pkt.l4_off + 16, 0)
     };
-    let pseudo = u64::from(BPF_F_PSEUDO_HDR);
+    // The L4 checksum goes through the kernel's helper: how to update it depends on the skb's
+    // checksum state (a checksum offloaded to the device holds only the pseudo-header sum), which
+    // programs cannot read. The IPv4 header checksum is always complete: it is updated in place.
     if old_addr != new_addr {
         ctx.l4_csum_replace(
             csum_off,
             u64::from(old_addr),
             u64::from(new_addr),
-            pseudo | mangled | 4,
+            u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
         )
         .map_err(|_| DropReason::NatFailed)?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_addr), u64::from(new_addr), 4)
-            .map_err(|_| DropReason::NatFailed)?;
-        ctx.store(addr_off, &new_addr, 0)
-            .map_err(|_| DropReason::NatFailed)?;
     }
     if old_port != new_port {
         ctx.l4_csum_replace(
@@ -384,10 +391,34 @@ fn rewrite(
             mangled | 2,
         )
         .map_err(|_| DropReason::NatFailed)?;
-        ctx.store(port_off, &new_port, 0)
-            .map_err(|_| DropReason::NatFailed)?;
+        let port = header_mut::<2>(ctx, port_off).ok_or(DropReason::NatFailed)?;
+        // SAFETY: in bounds (checked by `header_mut`), no helper call since.
+        unsafe { *port = new_port.to_ne_bytes() };
+    }
+    if old_addr != new_addr {
+        let ip = header_mut::<20>(ctx, IPV4_OFF).ok_or(DropReason::NatFailed)?;
+        // SAFETY: in bounds (checked by `header_mut`), no helper call since.
+        let ip = unsafe { &mut *ip };
+        let at = addr_off - IPV4_OFF;
+        ip[at..at + 4].copy_from_slice(&new_addr.to_ne_bytes());
+        let csum = u16::from_ne_bytes([ip[10], ip[11]]);
+        ip[10..12].copy_from_slice(&csum_replace4(csum, old_addr, new_addr).to_ne_bytes());
     }
     Ok(())
+}
+
+/// An Internet checksum after one 32-bit word of the data changed (RFC 1624, eqn. 3). Byte order
+/// does not matter as long as all three are in the same one.
+#[inline(always)]
+fn csum_replace4(csum: u16, old: u32, new: u32) -> u16 {
+    let mut sum = u32::from(!csum)
+        + u32::from(!(old as u16))
+        + u32::from(!((old >> 16) as u16))
+        + u32::from(new as u16)
+        + u32::from((new >> 16) as u16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }
 
 #[cfg(not(test))]

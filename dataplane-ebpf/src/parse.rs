@@ -9,6 +9,9 @@ const ETH_P_IP: u16 = 0x0800;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET_MASK: u16 = 0x1fff;
 
+/// Ethernet, the longest IPv4 header and the TCP header bytes read: what parsing needs linear.
+const MAX_HEADERS: usize = ETH_HLEN + 60 + 14;
+
 pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_RST: u8 = 0x04;
@@ -38,21 +41,29 @@ pub struct Packet {
 impl Packet {
     /// `Ok(None)` for packets the datapath leaves alone (not IPv4, not TCP/UDP, IP fragments);
     /// `Err(Malformed)` for IPv4 packets whose headers are truncated or inconsistent.
+    ///
+    /// Headers are read in place (direct packet access): no helper call when they sit in the
+    /// linear part of the buffer, as they do for packets from a local pod. Otherwise the headers
+    /// are pulled in first, once.
     #[inline(always)]
     pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, DropReason> {
-        let Ok(ethertype) = ctx.load::<u16>(12) else {
+        let frame_len = ctx.len() as usize;
+        let want = frame_len.min(MAX_HEADERS);
+        if ctx.data() + want > ctx.data_end() && ctx.pull_data(want as u32).is_err() {
+            return Err(DropReason::Malformed);
+        }
+        let Some(eth) = header::<ETH_HLEN>(ctx, 0) else {
             return Ok(None);
         };
-        if u16::from_be(ethertype) != ETH_P_IP {
+        if u16::from_be_bytes([eth[12], eth[13]]) != ETH_P_IP {
             return Ok(None);
         }
-        let ip: [u8; 20] = ctx.load(IPV4_OFF).map_err(|_| DropReason::Malformed)?;
+        let ip = header::<20>(ctx, IPV4_OFF).ok_or(DropReason::Malformed)?;
         if ip[0] >> 4 != 4 {
             return Err(DropReason::Malformed);
         }
         let ihl = usize::from(ip[0] & 0x0f) * 4;
         let tot_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-        let frame_len = ctx.len() as usize;
         if ihl < 20 || tot_len < ihl || IPV4_OFF + tot_len > frame_len {
             return Err(DropReason::Malformed);
         }
@@ -82,7 +93,7 @@ impl Packet {
                 if l4_len < 20 {
                     return Err(DropReason::Malformed);
                 }
-                let tcp: [u8; 14] = ctx.load(l4_off).map_err(|_| DropReason::Malformed)?;
+                let tcp = header::<14>(ctx, l4_off).ok_or(DropReason::Malformed)?;
                 let hlen = usize::from(tcp[12] >> 4) * 4;
                 if hlen < 20 || hlen > l4_len {
                     return Err(DropReason::Malformed);
@@ -98,7 +109,7 @@ impl Packet {
                 if l4_len < 8 {
                     return Err(DropReason::Malformed);
                 }
-                let udp: [u8; 4] = ctx.load(l4_off).map_err(|_| DropReason::Malformed)?;
+                let udp = header::<4>(ctx, l4_off).ok_or(DropReason::Malformed)?;
                 pkt.sport = u16::from_ne_bytes([udp[0], udp[1]]);
                 pkt.dport = u16::from_ne_bytes([udp[2], udp[3]]);
             }
@@ -126,4 +137,23 @@ impl Packet {
     pub fn is_tcp_syn(&self) -> bool {
         self.proto == PROTO_TCP && self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
     }
+}
+
+/// The `N` bytes at `off` in the linear part of the packet, read in place; `None` past its end.
+#[inline(always)]
+fn header<const N: usize>(ctx: &TcContext, off: usize) -> Option<&[u8; N]> {
+    // SAFETY: read only while this borrow of the context lasts, in which nothing writes the packet.
+    header_mut(ctx, off).map(|p| unsafe { &*p })
+}
+
+/// A pointer to the `N` bytes at `off` in the linear part of the packet; `None` past its end. Valid
+/// until the next helper call that may move the packet (checksum, store, pull helpers).
+#[inline(always)]
+pub fn header_mut<const N: usize>(ctx: &TcContext, off: usize) -> Option<*mut [u8; N]> {
+    let start = ctx.data() + off;
+    if start + N > ctx.data_end() {
+        return None;
+    }
+    // The check above is the bounds check the verifier requires for direct packet access.
+    Some(start as *mut [u8; N])
 }
