@@ -115,11 +115,20 @@ pub enum KindEvent {
     InitDone,
 }
 
-/// The objects of one kind as last seen, and a relist in progress.
+/// What the source keeps of an object: its version (for the source digest) and a digest of its
+/// content (to tell a change from a repeat). The object itself is held by the index only.
+#[derive(Debug)]
+struct Held {
+    version: String,
+    content: u64,
+}
+
+/// The objects of one kind as last seen, and a relist in progress (`None`: listed malformed, its
+/// previous version stays).
 #[derive(Debug, Default)]
 struct KindCache {
-    objects: HashMap<ObjectKey, Object>,
-    relist: Option<HashMap<ObjectKey, Object>>,
+    objects: HashMap<ObjectKey, Held>,
+    relist: Option<HashMap<ObjectKey, Option<Object>>>,
 }
 
 /// Everything the source has seen, turned into index events with relist semantics.
@@ -151,21 +160,24 @@ impl KubeState {
     fn store(&mut self, object: Object, out: &mut Vec<Event>) {
         let key = object.key();
         let cache = self.caches.entry(key.kind).or_default();
-        let new_digest = object_digest(&key, version(&object));
+        let held = Held {
+            version: version(&object).to_owned(),
+            content: object.content_digest(),
+        };
         match cache.objects.get(&key) {
-            Some(old) if *old == object => return,
-            Some(old) => self.digest ^= object_digest(&key, version(old)),
+            Some(old) if old.content == held.content => return,
+            Some(old) => self.digest ^= object_digest(&key, &old.version),
             None => {}
         }
-        self.digest ^= new_digest;
-        cache.objects.insert(key, object.clone());
+        self.digest ^= object_digest(&key, &held.version);
+        cache.objects.insert(key, held);
         out.push(Event::Apply(object));
     }
 
     fn remove(&mut self, key: &ObjectKey, out: &mut Vec<Event>) {
         let cache = self.caches.entry(key.kind).or_default();
         if let Some(old) = cache.objects.remove(key) {
-            self.digest ^= object_digest(key, version(&old));
+            self.digest ^= object_digest(key, &old.version);
             out.push(Event::Delete(key.clone()));
         }
     }
@@ -184,12 +196,12 @@ impl KubeState {
                 let relist = cache.relist.get_or_insert_with(HashMap::new);
                 match item {
                     Item::Object(o) => {
-                        relist.insert(o.key(), o);
+                        relist.insert(o.key(), Some(o));
                     }
                     Item::Bad(key, e) => {
                         warnings.push(bad(&key, &e));
-                        if let Some(previous) = cache.objects.get(&key) {
-                            relist.insert(key, previous.clone());
+                        if cache.objects.contains_key(&key) {
+                            relist.insert(key, None);
                         }
                     }
                 }
@@ -206,7 +218,10 @@ impl KubeState {
                 for key in vanished {
                     self.remove(&key, &mut out);
                 }
-                let mut listed: Vec<(ObjectKey, Object)> = relist.into_iter().collect();
+                let mut listed: Vec<(ObjectKey, Object)> = relist
+                    .into_iter()
+                    .filter_map(|(k, o)| Some((k, o?)))
+                    .collect();
                 listed.sort_by(|a, b| a.0.cmp(&b.0));
                 for (_, o) in listed {
                     self.store(o, &mut out);

@@ -33,11 +33,15 @@ pub struct Scan {
     pub fingerprint: u64,
 }
 
+/// What is kept of a file: enough to tell what changed, not the objects themselves (the index holds
+/// those), so a large manifest set is held in memory once.
 #[derive(Debug)]
 struct FileState {
     stamp: (SystemTime, u64, PathBuf),
-    content: Vec<u8>,
-    objects: BTreeMap<ObjectKey, Object>,
+    /// [`dataplane_common::content_digest`] of the whole file.
+    digest: u64,
+    /// Each object's digest (of its JSON form).
+    objects: BTreeMap<ObjectKey, u64>,
 }
 
 /// Watches one directory.
@@ -113,7 +117,13 @@ impl ManifestSource {
         for name in removed {
             changed = true;
             if let Some(old) = self.files.remove(&name) {
-                self.replace_objects(&name, old.objects, BTreeMap::new(), &mut scan);
+                self.replace_objects(
+                    &name,
+                    &old.objects,
+                    &BTreeMap::new(),
+                    BTreeMap::new(),
+                    &mut scan,
+                );
             }
         }
         for (name, stamp) in present {
@@ -128,8 +138,9 @@ impl ManifestSource {
                     continue;
                 }
             };
+            let digest = dataplane_common::content_digest(&content);
             if let Some(f) = self.files.get_mut(&name)
-                && f.content == content
+                && f.digest == digest
             {
                 f.stamp = stamp;
                 continue;
@@ -140,49 +151,52 @@ impl ManifestSource {
                 .remove(&name)
                 .map(|f| f.objects)
                 .unwrap_or_default();
-            let mut objects = BTreeMap::new();
+            let mut digests = BTreeMap::new();
+            let mut parsed = BTreeMap::new();
             for doc in parse_documents(&content) {
                 match doc {
-                    Ok(obj) => {
-                        objects.insert(obj.key(), obj);
+                    Ok((obj, digest)) => {
+                        digests.insert(obj.key(), digest);
+                        parsed.insert(obj.key(), obj);
                     }
                     Err(bad) => {
                         scan.warnings.push(format!("{name}: {}", bad.warning));
                         if let Some(key) = bad.key
                             && let Some(previous) = old.get(&key)
                         {
-                            objects.insert(key, previous.clone());
+                            digests.insert(key, *previous);
                         }
                     }
                 }
             }
-            self.replace_objects(&name, old, objects.clone(), &mut scan);
+            self.replace_objects(&name, &old, &digests, parsed, &mut scan);
             self.files.insert(
                 name,
                 FileState {
                     stamp,
-                    content,
-                    objects,
+                    digest,
+                    objects: digests,
                 },
             );
         }
         if !changed {
             return Ok(None);
         }
-        scan.fingerprint = dataplane_common::manifest_fingerprint(
-            self.files
-                .iter()
-                .map(|(n, f)| (n.as_bytes(), f.content.as_slice())),
+        scan.fingerprint = dataplane_common::fingerprint_of_digests(
+            self.files.iter().map(|(n, f)| (n.as_bytes(), f.digest)),
         );
         Ok(Some(scan))
     }
 
-    /// Emits the events that turn a file's old objects into its new ones.
+    /// Emits the events that turn a file's old objects into its new ones: `new` has the digest of
+    /// every object the file now defines, `parsed` the objects read this time (an object kept from
+    /// before because its new document is malformed has a digest but is not in `parsed`).
     fn replace_objects(
         &mut self,
         file: &str,
-        old: BTreeMap<ObjectKey, Object>,
-        new: BTreeMap<ObjectKey, Object>,
+        old: &BTreeMap<ObjectKey, u64>,
+        new: &BTreeMap<ObjectKey, u64>,
+        mut parsed: BTreeMap<ObjectKey, Object>,
         scan: &mut Scan,
     ) {
         for key in old.keys() {
@@ -191,8 +205,8 @@ impl ManifestSource {
                 scan.events.push(Event::Delete(key.clone()));
             }
         }
-        for (key, obj) in new {
-            match self.owners.get(&key) {
+        for (key, digest) in new {
+            match self.owners.get(key) {
                 Some(owner) if owner != file => {
                     scan.warnings.push(format!(
                         "{file}: {key} is already defined in {owner}, ignored here"
@@ -200,7 +214,9 @@ impl ManifestSource {
                 }
                 _ => {
                     self.owners.insert(key.clone(), file.to_owned());
-                    if old.get(&key) != Some(&obj) {
+                    if old.get(key) != Some(digest)
+                        && let Some(obj) = parsed.remove(key)
+                    {
                         scan.events.push(Event::Apply(obj));
                     }
                 }
@@ -209,8 +225,9 @@ impl ManifestSource {
     }
 }
 
-/// Parses every document of a file. Kinds the agent does not watch are left out silently.
-fn parse_documents(content: &[u8]) -> Vec<Result<Object, BadDocument>> {
+/// Parses every document of a file, each with the digest of its JSON form. Kinds the agent does not
+/// watch are left out silently.
+fn parse_documents(content: &[u8]) -> Vec<Result<(Object, u64), BadDocument>> {
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_slice(content).enumerate() {
         let value = match serde_yaml::Value::deserialize(doc) {
@@ -232,7 +249,7 @@ fn parse_documents(content: &[u8]) -> Vec<Result<Object, BadDocument>> {
     out
 }
 
-fn to_object(index: usize, value: serde_yaml::Value) -> Option<Result<Object, BadDocument>> {
+fn to_object(index: usize, value: serde_yaml::Value) -> Option<Result<(Object, u64), BadDocument>> {
     let field = |path: &[&str]| -> Option<String> {
         let mut v = &value;
         for p in path {
@@ -262,7 +279,12 @@ fn to_object(index: usize, value: serde_yaml::Value) -> Option<Result<Object, Ba
         namespace,
         name,
     };
-    let parsed = serde_json::to_value(&value).and_then(|v| Object::parse(kind, v));
+    let parsed = serde_json::to_value(&value)
+        .and_then(|v| Object::parse(kind, v))
+        .map(|o| {
+            let digest = o.content_digest();
+            (o, digest)
+        });
     Some(parsed.map_err(|e| BadDocument {
         warning: format!("{key} is malformed, skipped (previous version kept): {e}"),
         key: Some(key),

@@ -140,6 +140,22 @@ impl Object {
         })
     }
 
+    /// Digest of the object's content (its JSON form, metadata included): equal digests, same
+    /// object. Sources keep this instead of a second copy of every object.
+    #[must_use]
+    pub fn content_digest(&self) -> u64 {
+        let json = match self {
+            Object::Service(o) => serde_json::to_vec(o),
+            Object::EndpointSlice(o) => serde_json::to_vec(o),
+            Object::Pod(o) => serde_json::to_vec(o),
+            Object::Namespace(o) => serde_json::to_vec(o),
+            Object::Node(o) => serde_json::to_vec(o),
+            Object::NetworkPolicy(o) => serde_json::to_vec(o),
+        };
+        // Serializing a typed object cannot fail (no maps with non-string keys in these types).
+        dataplane_common::content_digest(&json.unwrap_or_default())
+    }
+
     /// The object's metadata.
     #[must_use]
     pub fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {

@@ -199,23 +199,42 @@ mod pod {
     unsafe impl aya::Pod for super::SvcStats {}
 }
 
-/// Fingerprint of a set of manifest files (FNV-1a, 64 bit), so a caller can tell when the agent has
-/// programmed exactly the files it wrote. Files must be given sorted by name; each name and content is
-/// length-prefixed, so no two different sets collide by concatenation.
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a (64 bit) of `bytes`, length-prefixed, continuing from `h`.
+fn fnv_feed(mut h: u64, bytes: &[u8]) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    for b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(PRIME);
+    }
+    h
+}
+
+/// Digest of one file's (or one document's) bytes: FNV-1a, 64 bit.
+#[must_use]
+pub fn content_digest(content: &[u8]) -> u64 {
+    fnv_feed(FNV_OFFSET, content)
+}
+
+/// Fingerprint of a set of manifest files, so a caller can tell when the agent has programmed
+/// exactly the files it wrote. Files must be given sorted by name; names are length-prefixed, so no
+/// two different sets collide by concatenation.
 #[must_use]
 pub fn manifest_fingerprint<'a>(files: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> u64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    fn feed(mut h: u64, bytes: &[u8]) -> u64 {
-        for b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(PRIME);
-        }
-        h
-    }
-    files
-        .into_iter()
-        .fold(OFFSET, |h, (name, content)| feed(feed(h, name), content))
+    fingerprint_of_digests(
+        files
+            .into_iter()
+            .map(|(name, content)| (name, content_digest(content))),
+    )
+}
+
+/// [`manifest_fingerprint`] from each file's [`content_digest`], for a caller that keeps only those.
+#[must_use]
+pub fn fingerprint_of_digests<'a>(files: impl IntoIterator<Item = (&'a [u8], u64)>) -> u64 {
+    files.into_iter().fold(FNV_OFFSET, |h, (name, digest)| {
+        fnv_feed(fnv_feed(h, name), &digest.to_le_bytes())
+    })
 }
 
 /// Contribution of one object version to a Kubernetes source's digest: the XOR of this over every
