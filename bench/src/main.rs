@@ -47,8 +47,11 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         baseline_changes: usize,
         /// Time cap for one loader run, in seconds.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 300)]
         cap_secs: u64,
+        /// Time cap for one iptables-nft-restore run, in seconds.
+        #[arg(long, default_value_t = 60)]
+        iptables_nft_cap_secs: u64,
         /// Prefix of the network namespaces made (per run).
         #[arg(long)]
         prefix: String,
@@ -176,18 +179,23 @@ fn main() -> anyhow::Result<()> {
             changes,
             baseline_changes,
             cap_secs,
+            iptables_nft_cap_secs,
             prefix,
             out,
         } => {
             let scratch = out.with_extension("d");
             std::fs::create_dir_all(&scratch)?;
-            let cap = Duration::from_secs(cap_secs);
             let mut results = Vec::new();
             for &n in &scales {
                 eprintln!("bench: control plane, ours, {n} Services");
                 results.push(control::ours(n, endpoints, changes)?);
                 for (mode, b) in control::BASELINES.iter().enumerate() {
                     eprintln!("bench: control plane, {}, {n} Services", b.0);
+                    let cap = Duration::from_secs(if b.0 == "iptables-nft" {
+                        iptables_nft_cap_secs
+                    } else {
+                        cap_secs
+                    });
                     results.push(control::baseline(
                         mode,
                         n,
