@@ -9,9 +9,6 @@ const ETH_P_IP: u16 = 0x0800;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET_MASK: u16 = 0x1fff;
 
-/// Ethernet, the longest IPv4 header and the TCP header bytes read: what parsing needs linear.
-const MAX_HEADERS: usize = ETH_HLEN + 60 + 14;
-
 pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_RST: u8 = 0x04;
@@ -43,21 +40,20 @@ impl Packet {
     /// `Err(Malformed)` for IPv4 packets whose headers are truncated or inconsistent.
     ///
     /// Headers are read in place (direct packet access): no helper call when they sit in the
-    /// linear part of the buffer, as they do for packets from a local pod. Otherwise the headers
-    /// are pulled in first, once.
+    /// linear part of the buffer, as a local pod's packets' headers do. A header that does not is
+    /// pulled in first; nothing past the headers is (payload pulled into the linear part would
+    /// cost a copy of the head of every cloned packet, and TCP sends clones).
     #[inline(always)]
     pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, DropReason> {
         let frame_len = ctx.len() as usize;
-        let want = frame_len.min(MAX_HEADERS);
-        if ctx.data() + want > ctx.data_end() && ctx.pull_data(want as u32).is_err() {
-            return Err(DropReason::Malformed);
-        }
+        linear(ctx, ETH_HLEN);
         let Some(eth) = header::<ETH_HLEN>(ctx, 0) else {
             return Ok(None);
         };
         if u16::from_be_bytes([eth[12], eth[13]]) != ETH_P_IP {
             return Ok(None);
         }
+        linear(ctx, IPV4_OFF + 20);
         let ip = header::<20>(ctx, IPV4_OFF).ok_or(DropReason::Malformed)?;
         if ip[0] >> 4 != 4 {
             return Err(DropReason::Malformed);
@@ -93,6 +89,7 @@ impl Packet {
                 if l4_len < 20 {
                     return Err(DropReason::Malformed);
                 }
+                linear(ctx, l4_off + 14);
                 let tcp = header::<14>(ctx, l4_off).ok_or(DropReason::Malformed)?;
                 let hlen = usize::from(tcp[12] >> 4) * 4;
                 if hlen < 20 || hlen > l4_len {
@@ -109,6 +106,7 @@ impl Packet {
                 if l4_len < 8 {
                     return Err(DropReason::Malformed);
                 }
+                linear(ctx, l4_off + 4);
                 let udp = header::<4>(ctx, l4_off).ok_or(DropReason::Malformed)?;
                 pkt.sport = u16::from_ne_bytes([udp[0], udp[1]]);
                 pkt.dport = u16::from_ne_bytes([udp[2], udp[3]]);
@@ -136,6 +134,16 @@ impl Packet {
     #[inline(always)]
     pub fn is_tcp_syn(&self) -> bool {
         self.proto == PROTO_TCP && self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+    }
+}
+
+/// Makes the first `n` bytes of the packet linear when they are not and the packet has them (a
+/// failed pull leaves them out, and the header read after it fails). Invalidates earlier header
+/// pointers when it pulls.
+#[inline(always)]
+fn linear(ctx: &TcContext, n: usize) {
+    if ctx.data() + n > ctx.data_end() && n <= ctx.len() as usize {
+        let _ = ctx.pull_data(n as u32);
     }
 }
 
