@@ -156,8 +156,9 @@ impl ManifestSource {
             for doc in parse_documents(&content) {
                 match doc {
                     Ok((obj, digest)) => {
-                        digests.insert(obj.key(), digest);
-                        parsed.insert(obj.key(), obj);
+                        let key = obj.key();
+                        digests.insert(key.clone(), digest);
+                        parsed.insert(key, obj);
                     }
                     Err(bad) => {
                         scan.warnings.push(format!("{name}: {}", bad.warning));

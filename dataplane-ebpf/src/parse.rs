@@ -46,14 +46,12 @@ impl Packet {
     #[inline(always)]
     pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, DropReason> {
         let frame_len = ctx.len() as usize;
-        linear(ctx, ETH_HLEN);
         let Some(eth) = header::<ETH_HLEN>(ctx, 0) else {
             return Ok(None);
         };
         if u16::from_be_bytes([eth[12], eth[13]]) != ETH_P_IP {
             return Ok(None);
         }
-        linear(ctx, IPV4_OFF + 20);
         let ip = header::<20>(ctx, IPV4_OFF).ok_or(DropReason::Malformed)?;
         if ip[0] >> 4 != 4 {
             return Err(DropReason::Malformed);
@@ -89,7 +87,6 @@ impl Packet {
                 if l4_len < 20 {
                     return Err(DropReason::Malformed);
                 }
-                linear(ctx, l4_off + 14);
                 let tcp = header::<14>(ctx, l4_off).ok_or(DropReason::Malformed)?;
                 let hlen = usize::from(tcp[12] >> 4) * 4;
                 if hlen < 20 || hlen > l4_len {
@@ -106,7 +103,6 @@ impl Packet {
                 if l4_len < 8 {
                     return Err(DropReason::Malformed);
                 }
-                linear(ctx, l4_off + 4);
                 let udp = header::<4>(ctx, l4_off).ok_or(DropReason::Malformed)?;
                 pkt.sport = u16::from_ne_bytes([udp[0], udp[1]]);
                 pkt.dport = u16::from_ne_bytes([udp[2], udp[3]]);
@@ -137,21 +133,22 @@ impl Packet {
     }
 }
 
-/// Makes the first `n` bytes of the packet linear when they are not and the packet has them (a
-/// failed pull leaves them out, and the header read after it fails). Invalidates earlier header
-/// pointers when it pulls.
-#[inline(always)]
-fn linear(ctx: &TcContext, n: usize) {
-    if ctx.data() + n > ctx.data_end() && n <= ctx.len() as usize {
-        let _ = ctx.pull_data(n as u32);
-    }
-}
-
-/// The `N` bytes at `off` in the linear part of the packet, read in place; `None` past its end.
+/// The `N` bytes at `off`, read in place. When they lie past the linear part of the buffer but
+/// within the packet, the packet is pulled up to their end first (this invalidates earlier header
+/// references). `None` when the packet is shorter, or the pull failed.
 #[inline(always)]
 fn header<const N: usize>(ctx: &TcContext, off: usize) -> Option<&[u8; N]> {
+    let p = match header_mut(ctx, off) {
+        Some(p) => p,
+        None => {
+            if off + N > ctx.len() as usize || ctx.pull_data((off + N) as u32).is_err() {
+                return None;
+            }
+            header_mut(ctx, off)?
+        }
+    };
     // SAFETY: read only while this borrow of the context lasts, in which nothing writes the packet.
-    header_mut(ctx, off).map(|p| unsafe { &*p })
+    Some(unsafe { &*p })
 }
 
 /// A pointer to the `N` bytes at `off` in the linear part of the packet; `None` past its end. Valid
