@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use crate::{lab, run, setup, workspace_root};
+use crate::{run, setup, workspace_root};
+use kplab as lab;
 
 /// The lab name the benchmark uses (its own, so a lab someone is running stays untouched).
 const LAB: &str = "kplbench";
@@ -56,9 +57,7 @@ pub struct BenchArgs {
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    run(Command::new("cargo")
-        .current_dir(workspace_root())
-        .args(args))
+    run(crate::cargo().args(args))
 }
 
 /// Runs everything and writes the report.
@@ -83,18 +82,15 @@ pub fn run_all(mut a: BenchArgs) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     setup::ensure()?;
-    cargo(&[
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "bench",
-        "-p",
-        "dataplane-agent",
-    ])?;
+    cargo(&["build", "--release", "--quiet", "-p", "bench"])?;
+    let release = crate::build_programs()?;
     let root = workspace_root();
-    let bench = root.join("target/release/bench");
-    let agent = root.join("target/release/dataplane-agent");
+    let bench = release.join("bench");
+    // SAFETY: still single-threaded; the lab code finds its programs through these.
+    unsafe {
+        std::env::set_var("KPLAB_AGENT", release.join("dataplane-agent"));
+        std::env::set_var("KPLAB_BIN", release.join("kplab"));
+    }
     let parts = std::env::temp_dir().join(format!("kplbench-{}", std::process::id()));
     std::fs::create_dir_all(&parts)?;
     let scales = |v: &[usize]| {
@@ -154,7 +150,7 @@ pub fn run_all(mut a: BenchArgs) -> anyhow::Result<()> {
             "--out",
             &dir.display().to_string(),
         ]))?;
-        let result = lab_scale(&a, &dir, &agent, &control, &mut rows, &mut rss);
+        let result = lab_scale(&a, &dir, &control, &mut rows, &mut rss);
         let down = lab::down();
         result?;
         down?;
@@ -444,7 +440,6 @@ fn capped_in_control(control: &Value, mode: &str, n: usize) -> bool {
 fn lab_scale(
     a: &BenchArgs,
     dir: &Path,
-    agent: &Path,
     control: &Value,
     rows: &mut Vec<Value>,
     rss: &mut Vec<Value>,
@@ -456,7 +451,7 @@ fn lab_scale(
         .and_then(|f| f.parse().ok())
         .unwrap_or(0);
     let t = Instant::now();
-    lab::up(&dir.join("manifests"), None, &[], agent)?;
+    lab::up(&dir.join("manifests"), None, &[])?;
     let up_s = t.elapsed().as_secs_f64();
     let p = plan(dir)?;
     rows.push(measure(a, &p, n, "ours", Some(up_s))?);

@@ -1,7 +1,6 @@
-//! `cargo xtask`: setup, the lab, the demo and the test suite.
+//! `cargo xtask`: setup, building the programs, the demo and the test suite. The lab is its own
+//! program (`kplab`, built by `cargo xtask build`); nothing here is needed to run it.
 mod bench;
-mod demo;
-mod lab;
 mod setup;
 
 use std::process::Command;
@@ -10,7 +9,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(about = "Project tasks: setup, lab, demo, test")]
+#[command(about = "Project tasks: setup, build, demo, test, bench")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -20,17 +19,14 @@ struct Cli {
 enum Cmd {
     /// Install what is missing (Debian packages, nightly rust-src, bpf-linker).
     Setup,
+    /// Setup, then build the release programs: `target/release/{dataplane-agent,kplab}`.
+    Build,
     /// The main job: a 2-node lab cluster, real traffic through the eBPF datapath, a report.
     Demo,
     /// Every test: unit, BPF_PROG_TEST_RUN packet tests, lab end-to-end (needs root).
     Test,
     /// Benchmarks against kube-proxy's modes, side by side; writes bench/results.
     Bench(bench::BenchArgs),
-    /// The lab: a cluster of network namespaces built from Kubernetes manifests.
-    Lab {
-        #[command(subcommand)]
-        command: lab::LabCmd,
-    },
 }
 
 /// Runs a command, failing with its exit status.
@@ -50,16 +46,45 @@ pub fn workspace_root() -> std::path::PathBuf {
         .to_path_buf()
 }
 
-/// Builds the agent in release mode and returns its path.
-pub fn build_agent() -> anyhow::Result<std::path::PathBuf> {
-    run(Command::new("cargo").current_dir(workspace_root()).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "dataplane-agent",
-    ]))?;
-    Ok(workspace_root().join("target/release/dataplane-agent"))
+/// Variables cargo sets for the program it runs (`cargo run`, a test, a build script), which a
+/// cargo started from that program must not inherit: build scripts that read one of them (ring's
+/// reads `CARGO_MANIFEST_DIR`) would see a value the user's own `cargo build` never has, and the
+/// two builds would recompile each other's dependencies every time.
+fn set_by_cargo(var: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "CARGO",
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+        "LD_LIBRARY_PATH",
+    ];
+    EXACT.contains(&var) || var.starts_with("CARGO_PKG_") || var.starts_with("CARGO_BIN_EXE_")
+}
+
+/// `cargo` in the workspace, with the environment of the user's shell rather than the one cargo
+/// gave this program.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root());
+    for (var, _) in std::env::vars_os() {
+        if var.to_str().is_some_and(set_by_cargo) {
+            cmd.env_remove(var);
+        }
+    }
+    cmd
+}
+
+/// Builds the release programs the demo, the lab and the benchmark run: the agent and `kplab`
+/// (side by side in `target/release`, where `kplab` finds the agent).
+pub fn build_programs() -> anyhow::Result<std::path::PathBuf> {
+    run(cargo().args(["build", "--release", "-p", "dataplane-agent", "-p", "kplab"]))?;
+    Ok(workspace_root().join("target/release"))
 }
 
 /// Lint and test everything. The eBPF crate is linted for its own target (it cannot build for the
@@ -70,8 +95,7 @@ fn test() -> anyhow::Result<()> {
         bail!("the test suite loads eBPF programs and builds network namespaces: run it as root");
     }
     setup::ensure()?;
-    let root = workspace_root();
-    let cargo = |args: &[&str]| run(Command::new("cargo").current_dir(&root).args(args));
+    let cargo = |args: &[&str]| run(cargo().args(args));
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&[
         "clippy",
@@ -105,15 +129,32 @@ fn test() -> anyhow::Result<()> {
     ])
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> std::process::ExitCode {
+    match task(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn task(command: Cmd) -> anyhow::Result<()> {
+    match command {
         Cmd::Setup => setup::ensure(),
+        Cmd::Build => {
+            setup::ensure()?;
+            build_programs().map(drop)
+        }
         Cmd::Demo => {
             setup::ensure()?;
-            demo::run()
+            let bin = build_programs()?;
+            run(Command::new(bin.join("kplab"))
+                .arg("demo")
+                .arg("--manifests")
+                .arg(workspace_root().join("examples/demo")))
         }
         Cmd::Test => test(),
-        Cmd::Lab { command } => lab::main(command),
         Cmd::Bench(args) => bench::run_all(args),
     }
 }

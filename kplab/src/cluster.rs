@@ -27,6 +27,23 @@ pub struct PodSpec {
     /// on the first TCP port, or `iperf3`).
     #[serde(default)]
     pub server: Option<String>,
+    /// The pod's labels: they change nothing the lab builds (see [`PodSpec::same_sandbox`]).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl PodSpec {
+    /// Whether `other` runs in the same lab namespace and server as this pod: everything but
+    /// the labels, which a running pod may change without being rebuilt.
+    pub fn same_sandbox(&self, other: &PodSpec) -> bool {
+        PodSpec {
+            labels: BTreeMap::new(),
+            ..self.clone()
+        } == PodSpec {
+            labels: BTreeMap::new(),
+            ..other.clone()
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -35,6 +52,21 @@ pub struct ServiceSpec {
     pub ip: Ipv4Addr,
     /// (port, "tcp" | "udp")
     pub ports: Vec<(u16, String)>,
+    /// `spec.selector`; empty for a Service without one.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+}
+
+impl ServiceSpec {
+    /// Whether the Service's selector picks `pod` (same namespace, every selector label).
+    pub fn selects(&self, pod: &PodSpec) -> bool {
+        !self.selector.is_empty()
+            && self.key.split('/').next() == pod.key.split('/').next()
+            && self
+                .selector
+                .iter()
+                .all(|(k, v)| pod.labels.get(k) == Some(v))
+    }
 }
 
 /// The lab's view of a manifests directory, and the files themselves (name, content).
@@ -174,6 +206,7 @@ fn pod_spec(pod: &Pod) -> Option<PodSpec> {
             .annotations
             .as_ref()
             .and_then(|a| a.get("kplab.dev/server").cloned()),
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
     })
 }
 
@@ -201,5 +234,6 @@ fn service_spec(svc: &Service) -> Option<ServiceSpec> {
         ),
         ip,
         ports,
+        selector: spec.selector.clone().unwrap_or_default(),
     })
 }

@@ -11,6 +11,7 @@
 //! before it starts) removes every namespace of the base, so a crashed lab is cleaned too.
 mod api;
 mod cluster;
+pub mod demo;
 mod matrix;
 pub mod probe;
 mod serve;
@@ -28,6 +29,11 @@ pub use matrix::render as matrix_table;
 
 #[derive(Subcommand)]
 pub enum LabCmd {
+    /// The demo: a lab from DIR, probes from every client pod to every Service, a report, down.
+    Demo {
+        #[arg(long)]
+        manifests: PathBuf,
+    },
     /// Build the lab from a manifests directory and start one agent per node.
     Up {
         #[arg(long)]
@@ -179,10 +185,12 @@ pub fn main(cmd: LabCmd) -> anyhow::Result<()> {
             externals,
         } => {
             require_root()?;
-            crate::setup::ensure()?;
-            let agent = agent_binary()?;
-            up(&manifests, kubeconfig.as_deref(), &externals, &agent)?;
+            up(&manifests, kubeconfig.as_deref(), &externals)?;
             Ok(())
+        }
+        LabCmd::Demo { manifests } => {
+            require_root()?;
+            demo::run(&manifests)
         }
         LabCmd::Relay { listen, to } => api::relay(&listen, &to),
         LabCmd::Agents { action } => {
@@ -215,12 +223,34 @@ fn require_root() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The agent binary: `KPLAB_AGENT`, or a freshly built release binary.
-fn agent_binary() -> anyhow::Result<PathBuf> {
-    if let Ok(path) = std::env::var("KPLAB_AGENT") {
-        return Ok(PathBuf::from(path));
-    }
-    crate::build_agent()
+/// The programs the lab runs: `kplab` itself (pod servers, relays) and the agent. They sit side
+/// by side (`cargo xtask build` puts both in `target/release`); `KPLAB_BIN` and `KPLAB_AGENT`
+/// override. No lab command builds anything.
+struct Programs {
+    kplab: PathBuf,
+    agent: PathBuf,
+}
+
+fn programs() -> anyhow::Result<Programs> {
+    let me = std::env::current_exe().context("locating the running program")?;
+    let dir = me
+        .parent()
+        .context("the running program has no directory")?;
+    let find = |var: &str, name: &str| {
+        let path = std::env::var_os(var).map_or_else(|| dir.join(name), PathBuf::from);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(anyhow::anyhow!(
+                "{} not found (set {var}, or build it: `cargo xtask build`)",
+                path.display()
+            ))
+        }
+    };
+    Ok(Programs {
+        kplab: find("KPLAB_BIN", "kplab")?,
+        agent: find("KPLAB_AGENT", "dataplane-agent")?,
+    })
 }
 
 fn run_id() -> String {
@@ -240,8 +270,8 @@ pub fn up(
     manifests: &Path,
     kubeconfig: Option<&Path>,
     externals: &[String],
-    agent: &Path,
 ) -> anyhow::Result<State> {
+    let programs = programs()?;
     if State::path().exists() || !topology::lab_namespaces(&lab_name())?.is_empty() {
         eprintln!("lab: removing a previous lab first");
         down()?;
@@ -283,7 +313,7 @@ pub fn up(
             state.save()?;
         }
         for pod in &cluster.pods {
-            let p = add_pod(&state, pod)?;
+            let p = add_pod(&state, pod, &programs.kplab)?;
             state.pods.push(p);
             state.save()?;
         }
@@ -293,12 +323,12 @@ pub fn up(
             let applied = rt.block_on(api::apply(&client, &cluster.files, &mut state.created));
             state.save()?;
             applied?;
-            start_relays(&mut state, kc)?;
+            start_relays(&mut state, kc, &programs.kplab)?;
         } else {
             publish(&mut state, &cluster.files)?;
         }
         for node in &mut state.nodes {
-            node.agent_pid = start_agent(node, agent, state.kubeconfig.is_some())?;
+            node.agent_pid = start_agent(node, &programs.agent, state.kubeconfig.is_some())?;
         }
         state.save()?;
         wait_programmed(&state, &cluster.files)?;
@@ -319,12 +349,12 @@ pub fn up(
     Ok(state)
 }
 
-fn add_pod(state: &State, pod: &PodSpec) -> anyhow::Result<PodState> {
+fn add_pod(state: &State, pod: &PodSpec, kplab: &Path) -> anyhow::Result<PodState> {
     let (netns, host_if) =
         topology::create_pod(&state.prefix, pod, &node_netns(state, &pod.node)?)?;
     let log = home().join(format!("pod-{}.log", pod.key.replace('/', ".")));
     let server_pid = match pod.server.as_deref() {
-        None => spawn_lab_server(pod, &netns, &log)?,
+        None => spawn_lab_server(pod, &netns, &log, kplab)?,
         Some(server) => serve::spawn_real(server, pod, &netns, &home(), &log)?,
     };
     Ok(PodState {
@@ -335,20 +365,15 @@ fn add_pod(state: &State, pod: &PodSpec) -> anyhow::Result<PodState> {
     })
 }
 
-fn spawn_lab_server(pod: &PodSpec, netns: &str, log: &Path) -> anyhow::Result<u32> {
-    let mut args = vec![
-        "lab".to_owned(),
-        "serve".to_owned(),
-        "--pod".to_owned(),
-        pod.key.clone(),
-    ];
+fn spawn_lab_server(pod: &PodSpec, netns: &str, log: &Path, kplab: &Path) -> anyhow::Result<u32> {
+    let mut args = vec!["serve".to_owned(), "--pod".to_owned(), pod.key.clone()];
     for p in &pod.tcp {
         args.extend(["--tcp".to_owned(), p.to_string()]);
     }
     for p in &pod.udp {
         args.extend(["--udp".to_owned(), p.to_string()]);
     }
-    topology::spawn_in(Some(netns), &std::env::current_exe()?, &args, log)
+    topology::spawn_in(Some(netns), kplab, &args, log)
 }
 
 fn node_netns(state: &State, node: &str) -> anyhow::Result<String> {
@@ -394,8 +419,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// The relays that let agents in unconnected node namespaces reach the API server: one on the
 /// host from a unix socket to the server, one per node from the node's loopback to that socket.
-fn start_relays(state: &mut State, kubeconfig: &Path) -> anyhow::Result<()> {
-    let me = std::env::current_exe()?;
+fn start_relays(state: &mut State, kubeconfig: &Path, kplab: &Path) -> anyhow::Result<()> {
     let sock = format!("unix:{}", home().join("api.sock").display());
     let mut server = None;
     for node in &state.nodes {
@@ -405,13 +429,13 @@ fn start_relays(state: &mut State, kubeconfig: &Path) -> anyhow::Result<()> {
     }
     let server = server.context("no nodes")?;
     let relay = |listen: &str, to: &str| {
-        ["lab", "relay", "--listen", listen, "--to", to]
+        ["relay", "--listen", listen, "--to", to]
             .map(str::to_owned)
             .to_vec()
     };
     let host = topology::spawn_in(
         None,
-        &me,
+        kplab,
         &relay(&sock, &format!("tcp:{server}")),
         &home().join("relay-host.log"),
     )?;
@@ -421,7 +445,7 @@ fn start_relays(state: &mut State, kubeconfig: &Path) -> anyhow::Result<()> {
         let log = home().join("nodes").join(&node.spec.name).join("relay.log");
         state.relay_pids.push(topology::spawn_in(
             Some(&node.netns),
-            &me,
+            kplab,
             &relay(&local, &sock),
             &log,
         )?);
@@ -535,6 +559,7 @@ pub fn agent_status(node: &str) -> anyhow::Result<serde_json::Value> {
 /// # Errors
 /// No lab, nodes changed, or the agents did not converge.
 pub fn apply(dir: &Path) -> anyhow::Result<()> {
+    let programs = programs()?;
     let mut state = State::load()?;
     let cluster = cluster::read(dir)?;
     let nodes: Vec<&NodeSpec> = state.nodes.iter().map(|n| &n.spec).collect();
@@ -545,14 +570,19 @@ pub fn apply(dir: &Path) -> anyhow::Result<()> {
     }
     let (keep, gone): (Vec<PodState>, Vec<PodState>) = std::mem::take(&mut state.pods)
         .into_iter()
-        .partition(|p| cluster.pods.contains(&p.spec));
+        .partition(|p| cluster.pods.iter().any(|c| c.same_sandbox(&p.spec)));
     state.pods = keep;
+    for pod in &mut state.pods {
+        if let Some(new) = cluster.pods.iter().find(|c| c.same_sandbox(&pod.spec)) {
+            pod.spec = new.clone();
+        }
+    }
     for pod in &gone {
         topology::delete_pod(pod)?;
     }
     for pod in &cluster.pods {
-        if !state.pods.iter().any(|p| &p.spec == pod) {
-            let p = add_pod(&state, pod)?;
+        if !state.pods.iter().any(|p| p.spec.same_sandbox(pod)) {
+            let p = add_pod(&state, pod, &programs.kplab)?;
             state.pods.push(p);
         }
     }
@@ -597,7 +627,7 @@ fn agents(action: &str) -> anyhow::Result<()> {
         eprintln!("lab: agents stopped");
         return Ok(());
     }
-    let agent = agent_binary()?;
+    let agent = programs()?.agent;
     for node in &mut state.nodes {
         if !topology::alive(node.agent_pid) {
             node.agent_pid = start_agent(node, &agent, state.kubeconfig.is_some())?;

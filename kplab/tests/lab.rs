@@ -1,5 +1,5 @@
 //! Lab end-to-end tests: real sockets through the real kernel, in network namespaces built by
-//! `xtask lab`, with the agents' eBPF programs attached. They need root and fail without it.
+//! `kplab`, with the agents' eBPF programs attached. They need root and fail without it.
 //! One lab at a time: the tests take a lock and use their own lab name (`kpltest`).
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -19,18 +19,18 @@ static ONE_LAB: Mutex<()> = Mutex::new(());
 const WEB_VIP: &str = "10.97.0.10:80";
 const ECHO_VIP: &str = "10.97.0.53:53";
 
-fn xtask(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xtask"))
+fn kplab(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kplab"))
         .args(args)
         .env("KPLAB_NAME", LAB)
         .output()
-        .expect("run xtask")
+        .expect("run kplab")
 }
 
 fn ok(out: Output) -> String {
     assert!(
         out.status.success(),
-        "xtask failed: {}\n{}",
+        "kplab failed: {}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -142,7 +142,6 @@ impl Lab {
         let m = lab.dir.path().join("m0");
         manifests(&m, Some(ALL_WEB), ECHO_SERVICE, extra);
         let mut args = vec![
-            "lab",
             "up",
             "--manifests",
             m.to_str().unwrap(),
@@ -152,7 +151,7 @@ impl Lab {
         if let Some(kc) = kubeconfig {
             args.extend(["--kubeconfig", kc.to_str().unwrap()]);
         }
-        ok(xtask(&args));
+        ok(kplab(&args));
         lab
     }
 
@@ -169,11 +168,11 @@ impl Lab {
     ) {
         let m = self.dir.path().join(name);
         manifests(&m, web, echo_service, extra);
-        ok(xtask(&["lab", "apply", m.to_str().unwrap()]));
+        ok(kplab(&["apply", m.to_str().unwrap()]));
     }
 
     fn state(&self) -> Value {
-        serde_json::from_str(&ok(xtask(&["lab", "status"]))).unwrap()
+        serde_json::from_str(&ok(kplab(&["status"]))).unwrap()
     }
 
     fn netns(&self, pod: &str) -> String {
@@ -192,7 +191,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let out = xtask(&["lab", "down"]);
+        let out = kplab(&["down"]);
         if !std::thread::panicking() {
             ok(out);
         }
@@ -200,8 +199,7 @@ impl Drop for Lab {
 }
 
 fn probe(from: &str, to: &str, proto: &str, count: u32) -> Vec<Value> {
-    let out = ok(xtask(&[
-        "lab",
+    let out = ok(kplab(&[
         "probe",
         "--from",
         from,
@@ -526,8 +524,7 @@ fn probe_classifies_silence_as_timeout_and_fails_only_when_it_cannot_run() {
         .unwrap() as i32;
     // SAFETY: pausing the lab's own server process.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
-    let out = xtask(&[
-        "lab",
+    let out = kplab(&[
         "probe",
         "--from",
         "t/client-b",
@@ -545,8 +542,7 @@ fn probe_classifies_silence_as_timeout_and_fails_only_when_it_cannot_run() {
     assert_eq!(r["backend"], Value::Null);
 
     let r: Value = serde_json::from_str(
-        ok(xtask(&[
-            "lab",
+        ok(kplab(&[
             "probe",
             "--from",
             "t/client-b",
@@ -576,7 +572,7 @@ fn probe_classifies_silence_as_timeout_and_fails_only_when_it_cannot_run() {
     let r = probe("ext", "172.31.0.2:9", "tcp", 1);
     assert_eq!(r[0]["result"], "refused");
 
-    let bad = xtask(&["lab", "probe", "--from", "t/nobody", "--to", WEB_VIP]);
+    let bad = kplab(&["probe", "--from", "t/nobody", "--to", WEB_VIP]);
     assert!(
         !bad.status.success(),
         "an unknown source is an error, not a result"
@@ -625,7 +621,7 @@ fn agent_restarts_keep_connections_and_the_datapath() {
     let mut held = Held::open(&lab.netns("client-a"), WEB_VIP);
     let backend = held.ask();
 
-    ok(xtask(&["lab", "agents", "stop"]));
+    ok(kplab(&["agents", "stop"]));
     // No agent runs: the pinned links keep the programs attached, conntrack keeps the flow.
     assert_eq!(
         held.ask(),
@@ -638,7 +634,7 @@ fn agent_restarts_keep_connections_and_the_datapath() {
         "new connections still work: {r:?}"
     );
 
-    ok(xtask(&["lab", "agents", "start"]));
+    ok(kplab(&["agents", "start"]));
     assert_eq!(held.ask(), backend, "and the new agent's programs keep it");
     let r = probe("t/client-a", WEB_VIP, "tcp", 40);
     assert!(r.iter().all(|r| r["result"] == "connected"));

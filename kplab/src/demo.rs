@@ -1,0 +1,333 @@
+//! `kplab demo --manifests DIR` (`cargo xtask demo` runs it on `examples/demo`): a lab from DIR,
+//! real probes from every client pod (a pod no Service selects) to every port of every Service, a
+//! short report (which backends answered, how evenly, from where, whether the client address was
+//! preserved, that Services without endpoints refuse), then teardown. Every address, port and
+//! name probed comes from DIR.
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::bail;
+
+use crate::{State, agent_status, probe};
+
+const CONNECTIONS: u32 = 60;
+const TIMEOUT: Duration = Duration::from_secs(1);
+
+struct Tally {
+    connected: u32,
+    refused: u32,
+    timeout: u32,
+    preserved: u32,
+    by_backend: BTreeMap<String, u32>,
+}
+
+/// `count` probes from `from` to `to`, in a thread that enters the source pod's namespace.
+fn tally(
+    state: &State,
+    from: &str,
+    proto: &str,
+    to: SocketAddr,
+    count: u32,
+) -> anyhow::Result<Tally> {
+    let netns = state.netns_of(from)?.to_owned();
+    let source_ip = state
+        .pods
+        .iter()
+        .find(|p| p.spec.key == from)
+        .map(|p| p.spec.ip.to_string())
+        .unwrap_or_default();
+    let proto = proto.to_owned();
+    std::thread::spawn(move || {
+        probe::enter_netns(&netns)?;
+        let mut t = Tally {
+            connected: 0,
+            refused: 0,
+            timeout: 0,
+            preserved: 0,
+            by_backend: BTreeMap::new(),
+        };
+        for _ in 0..count {
+            let r = probe::once(&proto, to, TIMEOUT)?;
+            match r.result.as_str() {
+                "connected" => {
+                    t.connected += 1;
+                    if r.client_seen.as_deref().and_then(|c| c.split(':').next())
+                        == Some(source_ip.as_str())
+                    {
+                        t.preserved += 1;
+                    }
+                    *t.by_backend
+                        .entry(r.backend.unwrap_or_default())
+                        .or_default() += 1;
+                }
+                "refused" => t.refused += 1,
+                _ => t.timeout += 1,
+            }
+        }
+        Ok(t)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("probe thread panicked"))?
+}
+
+fn node_of(state: &State, pod: &str) -> String {
+    state
+        .pods
+        .iter()
+        .find(|p| p.spec.key == pod)
+        .map_or_else(|| "?".to_owned(), |p| p.spec.node.clone())
+}
+
+fn pod_at(state: &State, addr: &str) -> String {
+    let ip = addr.split(':').next().unwrap_or_default();
+    state
+        .pods
+        .iter()
+        .find(|p| p.spec.ip.to_string() == ip)
+        .map_or_else(|| addr.to_owned(), |p| p.spec.key.clone())
+}
+
+/// One client's line and per-backend histogram for one Service port.
+fn spread(
+    out: &mut String,
+    state: &State,
+    from: &str,
+    backends: &[String],
+    t: &Tally,
+) -> std::fmt::Result {
+    writeln!(
+        out,
+        "from {from} ({}): {}/{CONNECTIONS} connected, {} refused, {} timed out; client address preserved {}/{}",
+        node_of(state, from),
+        t.connected,
+        t.refused,
+        t.timeout,
+        t.preserved,
+        t.connected
+    )?;
+    for b in backends {
+        let n = t.by_backend.get(b).copied().unwrap_or(0);
+        writeln!(
+            out,
+            "    {:16} {:7} {n:3} {}",
+            b,
+            node_of(state, b),
+            "#".repeat(n as usize)
+        )?;
+    }
+    let counts = backends
+        .iter()
+        .map(|b| t.by_backend.get(b).copied().unwrap_or(0));
+    writeln!(
+        out,
+        "    spread: min {}, max {}, ideal {:.1} per backend",
+        counts.clone().min().unwrap_or(0),
+        counts.max().unwrap_or(0),
+        f64::from(CONNECTIONS) / backends.len() as f64
+    )
+}
+
+fn report(state: &State) -> anyhow::Result<(String, Vec<String>)> {
+    let mut out = String::new();
+    let mut problems = Vec::new();
+    writeln!(
+        out,
+        "== Lab: {} nodes, {} pods ==",
+        state.nodes.len(),
+        state.pods.len()
+    )?;
+    for n in &state.nodes {
+        let pods: Vec<String> = state
+            .pods
+            .iter()
+            .filter(|p| p.spec.node == n.spec.name)
+            .map(|p| format!("{} {}", p.spec.key, p.spec.ip))
+            .collect();
+        writeln!(
+            out,
+            "{:8} {:12} podCIDR {:15} {}",
+            n.spec.name,
+            n.spec.ip,
+            n.spec.pod_cidr,
+            pods.join(", ")
+        )?;
+    }
+
+    // Everything probed comes from the manifests the lab was built from: every port of every
+    // Service, the backends the agent programmed for it, and as clients the pods no Service
+    // selects.
+    let status = agent_status(&state.nodes[0].spec.name)?;
+    let programmed: BTreeMap<String, Vec<String>> = status["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            let backends = s["backends"].as_array()?.iter();
+            Some((
+                s["frontend"].as_str()?.to_owned(),
+                backends
+                    .filter_map(|b| b.as_str())
+                    .map(|b| pod_at(state, b))
+                    .collect(),
+            ))
+        })
+        .collect();
+    let clients: Vec<&str> = state
+        .pods
+        .iter()
+        .filter(|p| !state.services.iter().any(|s| s.selects(&p.spec)))
+        .map(|p| p.spec.key.as_str())
+        .collect();
+    let Some(first_client) = clients.first().copied() else {
+        bail!("every pod is selected by a Service: no pod is left to be a client");
+    };
+    let mut empty = Vec::new();
+    for svc in &state.services {
+        for (port, proto) in &svc.ports {
+            let frontend = format!("{}:{port}/{}", svc.ip, proto.to_uppercase());
+            let to = SocketAddr::from((svc.ip, *port));
+            let backends = programmed.get(&frontend).cloned().unwrap_or_default();
+            if backends.is_empty() {
+                empty.push((svc.key.as_str(), proto.as_str(), to));
+                continue;
+            }
+            writeln!(
+                out,
+                "\n== Service {} {frontend}: ready backends {} ==",
+                svc.key,
+                backends
+                    .iter()
+                    .map(|b| format!("{b} ({})", node_of(state, b)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )?;
+            for from in &clients {
+                let t = tally(state, from, proto, to, CONNECTIONS)?;
+                spread(&mut out, state, from, &backends, &t)?;
+                let min = backends
+                    .iter()
+                    .map(|b| t.by_backend.get(b).copied().unwrap_or(0))
+                    .min()
+                    .unwrap_or(0);
+                if t.connected != CONNECTIONS || min == 0 || t.preserved != t.connected {
+                    problems.push(format!(
+                        "{} {frontend} from {from}: {}/{CONNECTIONS} connected, min per backend {min}, preserved {}",
+                        svc.key, t.connected, t.preserved
+                    ));
+                }
+                let strays: Vec<&String> = t
+                    .by_backend
+                    .keys()
+                    .filter(|b| !backends.contains(b))
+                    .collect();
+                if !strays.is_empty() {
+                    problems.push(format!(
+                        "{}: answers from non-ready pods {strays:?}",
+                        svc.key
+                    ));
+                }
+            }
+        }
+    }
+
+    let mut last = None;
+    for (key, proto, to) in empty {
+        let how = if proto == "tcp" {
+            "TCP RST"
+        } else {
+            "ICMP port unreachable"
+        };
+        if last.replace(key) != Some(key) {
+            writeln!(out, "\n== Service without endpoints: {key} ==")?;
+        }
+        let t = tally(state, first_client, proto, to, 1)?;
+        let result = if t.refused == 1 {
+            "refused"
+        } else if t.connected == 1 {
+            "connected"
+        } else {
+            "timeout"
+        };
+        writeln!(
+            out,
+            "{proto} {to} from {first_client}: {result} (expected: refused by {how})"
+        )?;
+        if t.refused != 1 {
+            problems.push(format!("{key} {to}/{proto}: {result}, expected refused"));
+        }
+    }
+
+    // Agents rewrite their status (with the counters) every second.
+    std::thread::sleep(Duration::from_millis(1500));
+    writeln!(
+        out,
+        "\n== Datapath counters, per node (per-CPU maps, summed) =="
+    )?;
+    for n in &state.nodes {
+        let s = agent_status(&n.spec.name)?;
+        let drops: Vec<String> = s["drops"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| v.as_u64() != Some(0))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let per_svc: Vec<String> = s["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|x| x["packets"].as_u64() != Some(0))
+            .map(|x| {
+                format!(
+                    "{} {} pkts",
+                    x["frontend"].as_str().unwrap_or_default(),
+                    x["packets"]
+                )
+            })
+            .collect();
+        writeln!(
+            out,
+            "{}: attached to {} pod interfaces; drops: {}; to services: {}",
+            n.spec.name,
+            s["interfaces"].as_array().map_or(0, Vec::len),
+            if drops.is_empty() {
+                "none".to_owned()
+            } else {
+                drops.join(" ")
+            },
+            per_svc.join(", ")
+        )?;
+    }
+    Ok((out, problems))
+}
+
+/// Runs the demo; the lab is always torn down.
+///
+/// # Errors
+/// The lab could not be built, or traffic did not flow as it should.
+pub fn run(manifests: &Path) -> anyhow::Result<()> {
+    eprintln!("demo: building the lab from {}", manifests.display());
+    let state = crate::up(manifests, None, &[])?;
+    let result = report(&state).and_then(|(text, problems)| {
+        print!("{text}");
+        println!("\n== Reachability matrix (pods x pod ports and service ports) ==");
+        print!(
+            "{}",
+            crate::matrix_table(&state, Duration::from_millis(300))?
+        );
+        Ok(problems)
+    });
+    crate::down()?;
+    let problems = result?;
+    if problems.is_empty() {
+        println!(
+            "\nverdict: every ready backend answered every client pod, client addresses preserved, every Service without endpoints refused"
+        );
+        Ok(())
+    } else {
+        bail!("demo found problems:\n  {}", problems.join("\n  "))
+    }
+}

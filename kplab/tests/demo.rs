@@ -1,0 +1,58 @@
+//! The demo end to end, as `cargo xtask demo` runs it: `kplab demo` on `examples/demo`, its exit
+//! status and the report's verdict lines. Needs root, like the demo.
+use std::process::Command;
+
+#[test]
+fn the_demo_reaches_every_ready_backend_from_both_nodes_and_the_empty_service_refuses() {
+    // SAFETY: plain syscall.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the demo builds namespaces and must run as root"
+    );
+    let manifests = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/demo");
+    let out = Command::new(env!("CARGO_BIN_EXE_kplab"))
+        .args(["demo", "--manifests", manifests])
+        .env("KPLAB_NAME", "kpldemotest")
+        .output()
+        .expect("run kplab demo");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the demo failed:\n{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The demo's manifests: web (3 ready backends of 4), dns (UDP and TCP, 2 backends), empty.
+    for header in [
+        "== Service demo/web 10.96.200.10:80/TCP: ready backends demo/web-1 (node-a), demo/web-2 (node-a), demo/web-3 (node-b) ==",
+        "== Service demo/dns 10.96.200.53:53/UDP: ready backends demo/dns-1 (node-a), demo/dns-2 (node-b) ==",
+        "== Service demo/dns 10.96.200.53:53/TCP: ready backends demo/dns-1 (node-a), demo/dns-2 (node-b) ==",
+        "== Service without endpoints: demo/empty ==",
+        "tcp 10.96.200.99:80 from demo/client-a: refused (expected: refused by TCP RST)",
+        "udp 10.96.200.99:99 from demo/client-a: refused (expected: refused by ICMP port unreachable)",
+        "verdict: every ready backend answered every client pod, client addresses preserved, every Service without endpoints refused",
+    ] {
+        assert!(report.contains(header), "missing {header:?} in:\n{report}");
+    }
+    let from: Vec<&str> = report
+        .lines()
+        .filter(|l| l.starts_with("from demo/"))
+        .collect();
+    assert_eq!(from.len(), 6, "3 Service ports x 2 clients: {from:?}");
+    for line in &from {
+        assert!(
+            line.contains(
+                ": 60/60 connected, 0 refused, 0 timed out; client address preserved 60/60"
+            ),
+            "{line}"
+        );
+    }
+    assert!(
+        from.iter()
+            .any(|l| l.starts_with("from demo/client-a (node-a)"))
+    );
+    assert!(
+        from.iter()
+            .any(|l| l.starts_with("from demo/client-b (node-b)"))
+    );
+}
