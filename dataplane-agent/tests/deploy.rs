@@ -28,8 +28,8 @@ fn cluster_role_allows_exactly_reading_the_watched_kinds() {
         let verbs: BTreeSet<&str> = rule.verbs.iter().map(String::as_str).collect();
         assert_eq!(
             verbs,
-            ["get", "list", "watch"].into(),
-            "read-only verbs only"
+            ["list", "watch"].into(),
+            "what the watchers use, nothing more"
         );
         for group in rule.api_groups.unwrap() {
             for resource in rule.resources.clone().unwrap() {
@@ -193,4 +193,100 @@ fn kustomization_lists_every_manifest() {
         .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
         .collect();
     assert_eq!(listed, files);
+}
+
+/// Against a real kube-apiserver: `deploy/` is accepted as a whole (server-side dry run, every
+/// object validated and admitted), and once applied the agent's ServiceAccount may list and watch
+/// exactly the watched kinds, and nothing else: no get, no secrets, no write of any kind.
+#[test]
+fn a_real_api_server_accepts_deploy_and_grants_the_agent_exactly_list_and_watch() {
+    let api = testenv::ApiServer::start();
+    let dir = deploy().display().to_string();
+    let dry = api.kubectl_ok(&["apply", "--dry-run=server", "-k", &dir]);
+    for object in [
+        "serviceaccount/dataplane-agent",
+        "clusterrole.rbac.authorization.k8s.io/dataplane-agent",
+        "clusterrolebinding.rbac.authorization.k8s.io/dataplane-agent",
+        "configmap/dataplane-agent",
+        "daemonset.apps/dataplane-agent",
+    ] {
+        assert!(
+            dry.contains(&format!("{object} created (server dry run)")),
+            "{object}: {dry}"
+        );
+    }
+    api.kubectl_ok(&["apply", "-k", &dir]);
+
+    let sa: ServiceAccount = load("serviceaccount.yaml");
+    let who = format!(
+        "system:serviceaccount:{}:{}",
+        sa.metadata.namespace.unwrap(),
+        sa.metadata.name.unwrap()
+    );
+    let can = |verb: &str, resource: &str| {
+        let out = api.kubectl(&["auth", "can-i", verb, resource, "--as", &who]);
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(
+            answer == "yes" || answer == "no",
+            "can-i {verb} {resource}: {answer:?}"
+        );
+        answer == "yes"
+    };
+    let watched = dataplane_agent::kube_source::watched_resources();
+    for (group, plural) in &watched {
+        let resource = if group.is_empty() {
+            plural.clone()
+        } else {
+            format!("{plural}.{group}")
+        };
+        for verb in ["list", "watch"] {
+            assert!(can(verb, &resource), "{who} may {verb} {resource}");
+        }
+        for verb in [
+            "get",
+            "create",
+            "update",
+            "patch",
+            "delete",
+            "deletecollection",
+        ] {
+            assert!(!can(verb, &resource), "{who} may not {verb} {resource}");
+        }
+    }
+    for (verb, resource) in [
+        ("get", "secrets"),
+        ("list", "secrets"),
+        ("watch", "secrets"),
+        ("list", "configmaps"),
+        ("create", "events"),
+        ("list", "daemonsets.apps"),
+        ("create", "pods/eviction"),
+        ("impersonate", "users"),
+    ] {
+        assert!(!can(verb, resource), "{who} may not {verb} {resource}");
+    }
+
+    // And the whole list of resource rules is exactly the watched kinds with list and watch.
+    let list = api.kubectl_ok(&["auth", "can-i", "--list", "--as", &who]);
+    let mut granted = BTreeSet::new();
+    for line in list.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        // Resources  Non-Resource URLs  Resource Names  Verbs: resource rows have `[]` URLs.
+        if cols.len() >= 4 && cols[1] == "[]" {
+            let verbs = cols[3..].join(" ");
+            granted.insert((cols[0].to_owned(), verbs));
+        }
+    }
+    let mut want = BTreeSet::new();
+    for (group, plural) in &watched {
+        let resource = if group.is_empty() {
+            plural.clone()
+        } else {
+            format!("{plural}.{group}")
+        };
+        want.insert((resource, "[list watch]".to_owned()));
+    }
+    // What every authenticated identity may do (self reviews), granted by the server itself.
+    granted.retain(|(r, _)| !r.starts_with("selfsubject"));
+    assert_eq!(granted, want, "{list}");
 }

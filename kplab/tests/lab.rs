@@ -11,8 +11,6 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-mod fake_api;
-
 const LAB: &str = "kpltest";
 static ONE_LAB: Mutex<()> = Mutex::new(());
 
@@ -80,7 +78,7 @@ fn manifests(
         let (port, proto) = port.split_once('/').unwrap();
         pods += &format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: t}}\n\
-             spec: {{nodeName: {node}, containers: [{{name: c, ports: [{{containerPort: {port}, protocol: {proto}}}]}}]}}\n\
+             spec: {{nodeName: {node}, containers: [{{name: c, image: lab/server, ports: [{{containerPort: {port}, protocol: {proto}}}]}}]}}\n\
              status: {{podIP: {ip}}}\n---\n"
         );
     }
@@ -648,53 +646,36 @@ fn agent_restarts_keep_connections_and_the_datapath() {
 }
 
 #[test]
-fn with_an_api_server_objects_are_created_agents_watch_them_and_down_deletes_them() {
-    let api = fake_api::FakeApi::start();
-    {
-        // What a fresh API server already holds.
-        let mut s = api.store.lock().unwrap();
-        for ns in ["default", "kube-system"] {
-            s.seed(
-                "namespaces",
-                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
-            );
-        }
-        s.seed(
-            "services",
-            json!({"apiVersion": "v1", "kind": "Service",
-                   "metadata": {"name": "kubernetes", "namespace": "default"},
-                   "spec": {"clusterIP": "10.97.0.1", "clusterIPs": ["10.97.0.1"],
-                            "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]}}),
-        );
-    }
-    let kc_dir = tempfile::tempdir().unwrap();
-    let kc = kc_dir.path().join("kubeconfig");
-    api.kubeconfig(&kc);
+fn with_a_real_api_server_objects_are_created_agents_watch_them_and_down_deletes_them() {
+    let api = testenv::ApiServer::start();
     let extra = [("extra", "node-a", "10.245.1.40", "8080/TCP")];
-    let lab = Lab::start(Some(&kc), &extra);
-    let object = |plural: &str, ns: &str, name: &str| {
-        api.store
-            .lock()
-            .unwrap()
-            .objects
-            .get(&(plural.to_owned(), ns.to_owned(), name.to_owned()))
-            .cloned()
+    let lab = Lab::start(Some(&api.kubeconfig()), &extra);
+    let get = |what: &str, path: &str| -> Option<Value> {
+        let out = api.kubectl(&["get", what, "-o", "json", "-n", "t"]);
+        if !out.status.success() {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        Some(v.pointer(path).cloned().unwrap_or(Value::Null))
     };
-    let requested = |f: fn(&str) -> bool| api.store.lock().unwrap().requests.iter().any(|r| f(r));
-    let pod = object("pods", "t", "web-1").expect("pods created");
-    assert_eq!(pod["status"]["podIP"], "10.245.1.21", "with their status");
-    let node = object("nodes", "", "node-a").expect("nodes created");
-    assert_eq!(node["status"]["addresses"][0]["address"], "172.31.0.2");
-    assert!(
-        object("namespaces", "", "t").is_some(),
-        "the pods' namespace"
+    assert_eq!(
+        get("pod/web-1", "/status/podIP"),
+        Some(json!("10.245.1.21")),
+        "pods created with their status"
+    );
+    assert_eq!(
+        get("node/node-a", "/status/addresses/0/address"),
+        Some(json!("172.31.0.2")),
+        "nodes created with their status"
     );
     assert!(
-        requested(
-            |r| r.starts_with("GET /apis/discovery.k8s.io/v1/endpointslices?")
-                && r.contains("watch=true")
-        ),
-        "the agents watch the API server"
+        get("namespace/t", "/metadata/name").is_some(),
+        "the pods' namespace"
+    );
+    assert_eq!(
+        get("service/web", "/spec/clusterIPs"),
+        Some(json!(["10.97.0.10"])),
+        "the server allocated the Service's address"
     );
 
     let tcp = probe("t/client-a", WEB_VIP, "tcp", 30);
@@ -703,39 +684,45 @@ fn with_an_api_server_objects_are_created_agents_watch_them_and_down_deletes_the
     let udp = probe("t/client-b", ECHO_VIP, "udp", 10);
     assert!(udp.iter().all(|r| r["result"] == "connected"), "{udp:?}");
 
-    // Endpoints removed, and a pod changed in a way a real API server refuses: it is replaced.
+    // Endpoints removed, and a pod changed in a way the API server refuses (a pod's ports are
+    // immutable): the lab deletes and re-creates it.
+    let uid = get("pod/extra", "/metadata/uid").expect("the extra pod exists");
     let changed = [("extra", "node-a", "10.245.1.40", "8081/TCP")];
     lab.apply_with_pods("fewer", Some(&[ALL_WEB[2]]), ECHO_SERVICE, &changed);
     let after = probe("t/client-a", WEB_VIP, "tcp", 15);
     assert_eq!(backends(&after), ["t/web-3".to_owned()].into(), "{after:?}");
-    let extra = object("pods", "t", "extra").expect("the changed pod exists");
     assert_eq!(
-        extra["spec"]["containers"][0]["ports"][0]["containerPort"],
-        8081
+        get("pod/extra", "/spec/containers/0/ports/0/containerPort"),
+        Some(json!(8081))
     );
-    assert!(
-        requested(|r| r.starts_with("DELETE /api/v1/namespaces/t/pods/extra")),
+    assert_ne!(
+        get("pod/extra", "/metadata/uid").unwrap(),
+        uid,
         "replaced by delete and create"
     );
 
     lab.apply("no-web", None, ECHO_SERVICE);
-    assert!(object("services", "t", "web").is_none());
+    assert_eq!(get("service/web", "/metadata/name"), None, "deleted");
     let r = probe("t/client-a", WEB_VIP, "tcp", 3);
     assert!(r.iter().all(|r| r["result"] != "connected"), "{r:?}");
     let r = probe("t/client-a", ECHO_VIP, "udp", 3);
     assert!(r.iter().all(|r| r["result"] == "connected"), "{r:?}");
 
     drop(lab);
-    let s = api.store.lock().unwrap();
-    let left: Vec<&fake_api::Key> = s.objects.keys().collect();
+    let left = api.kubectl_ok(&[
+        "get",
+        "pods,services,endpointslices,nodes,networkpolicies",
+        "-A",
+        "-o",
+        "name",
+    ]);
     assert_eq!(
-        left,
-        [
-            &("namespaces".into(), String::new(), "default".into()),
-            &("namespaces".into(), String::new(), "kube-system".into()),
-            &("namespaces".into(), String::new(), "t".into()),
-            &("services".into(), "default".into(), "kubernetes".into()),
-        ],
-        "down deletes what the lab created, keeps namespaces and what it did not create"
+        left.lines().collect::<Vec<_>>(),
+        ["service/kubernetes"],
+        "down deletes what the lab created and keeps what it did not create"
+    );
+    assert!(
+        get("namespace/t", "/metadata/name").is_some(),
+        "namespaces are kept"
     );
 }
