@@ -59,6 +59,10 @@ pub enum LabCmd {
     Agents {
         #[arg(value_parser = ["stop", "start"])]
         action: String,
+        /// With `stop`: also remove the pins, so the programs detach and the nodes forward
+        /// without our datapath (to compare, or to run an agent of your own in a node).
+        #[arg(long)]
+        detach: bool,
     },
     /// Remove everything the lab created.
     Down,
@@ -193,9 +197,13 @@ pub fn main(cmd: LabCmd) -> anyhow::Result<()> {
             demo::run(&manifests)
         }
         LabCmd::Relay { listen, to } => api::relay(&listen, &to),
-        LabCmd::Agents { action } => {
+        LabCmd::Agents { action, detach } => {
             require_root()?;
-            agents(&action)
+            if detach && action == "stop" {
+                detach_datapath()
+            } else {
+                agents(&action)
+            }
         }
         LabCmd::Apply { dir } => {
             require_root()?;

@@ -1,6 +1,7 @@
 //! `cargo xtask`: setup, building the programs, the demo and the test suite. The lab is its own
 //! program (`kplab`, built by `cargo xtask build`); nothing here is needed to run it.
 mod bench;
+mod image;
 mod setup;
 
 use std::process::Command;
@@ -21,6 +22,8 @@ enum Cmd {
     Setup,
     /// Setup, then build the release programs: `target/release/{dataplane-agent,kplab}`.
     Build,
+    /// The agent's container image from Debian's packages and deploy/Dockerfile (no registry).
+    Image,
     /// The main job: a 2-node lab cluster, real traffic through the eBPF datapath, a report.
     Demo,
     /// Every test: unit, BPF_PROG_TEST_RUN packet tests, lab end-to-end (needs root).
@@ -145,6 +148,10 @@ fn task(command: Cmd) -> anyhow::Result<()> {
         Cmd::Build => {
             setup::ensure()?;
             build_programs().map(drop)
+        }
+        Cmd::Image => {
+            setup::ensure()?;
+            image::build().map(drop)
         }
         Cmd::Demo => {
             setup::ensure()?;

@@ -19,6 +19,14 @@ const APT_PACKAGES: &[&str] = &[
     // cleanup-kube-proxy and its test: both iptables backends and nft.
     "iptables",
     "nftables",
+    // The real API server tests: kubectl, and openssl for their certificates.
+    "kubectl",
+    "openssl",
+    // The agent's image without a registry: a Debian base, podman to build it, runc to run it
+    // (crun cannot start containers on this machine kind's hybrid cgroups).
+    "mmdebstrap",
+    "podman",
+    "runc",
     // The benchmark: real servers and load generators in lab pods.
     "nginx",
     "wrk",
