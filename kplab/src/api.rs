@@ -97,7 +97,7 @@ pub async fn client(kubeconfig: &Path) -> anyhow::Result<Client> {
 /// still leaves a record of everything to delete.
 ///
 /// Namespaces are applied but never recorded or deleted: an API server without a namespace
-/// controller keeps a deleted namespace terminating for ever, and the next `lab up` could not
+/// controller keeps a deleted namespace terminating for ever, and the next `kplab up` could not
 /// create anything in it; `default` and other system namespaces cannot be deleted at all.
 ///
 /// # Errors

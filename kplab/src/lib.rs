@@ -144,7 +144,7 @@ impl State {
         let path = Self::path();
         let bytes = std::fs::read(&path).with_context(|| {
             format!(
-                "no lab is up ({} missing): run `lab up` first",
+                "no lab is up ({} missing): run `kplab up` first",
                 path.display()
             )
         })?;
@@ -573,7 +573,7 @@ pub fn apply(dir: &Path) -> anyhow::Result<()> {
     let nodes: Vec<&NodeSpec> = state.nodes.iter().map(|n| &n.spec).collect();
     if nodes != cluster.nodes.iter().collect::<Vec<_>>() {
         bail!(
-            "the Node objects changed; nodes are fixed for a lab's life: run `lab down` and `lab up`"
+            "the Node objects changed; nodes are fixed for a lab's life: run `kplab down` and `kplab up`"
         );
     }
     let (keep, gone): (Vec<PodState>, Vec<PodState>) = std::mem::take(&mut state.pods)

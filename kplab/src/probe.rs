@@ -149,7 +149,7 @@ pub fn once(proto: &str, to: SocketAddr, timeout: Duration) -> anyhow::Result<Pr
     }
 }
 
-/// `lab probe`.
+/// `kplab probe`.
 ///
 /// # Errors
 /// No lab, an unknown source, or a probe that could not run.

@@ -84,9 +84,42 @@ pub fn cargo() -> Command {
 }
 
 /// Builds the release programs the demo, the lab and the benchmark run: the agent and `kplab`
-/// (side by side in `target/release`, where `kplab` finds the agent).
+/// (side by side in `target/release`, where `kplab` finds the agent). Says how many units cargo
+/// compiled (0 on an unchanged tree: `xtask/tests/build.rs` holds it to that).
 pub fn build_programs() -> anyhow::Result<std::path::PathBuf> {
-    run(cargo().args(["build", "--release", "-p", "dataplane-agent", "-p", "kplab"]))?;
+    let out = cargo()
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "--message-format=json-render-diagnostics",
+            "-p",
+            "dataplane-agent",
+            "-p",
+            "kplab",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("starting cargo build")?;
+    if !out.status.success() {
+        bail!(
+            "cargo build of dataplane-agent and kplab failed: {}",
+            out.status
+        );
+    }
+    let (mut units, mut compiled) = (0, 0);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] == "compiler-artifact" {
+            units += 1;
+            if msg["fresh"] == false {
+                compiled += 1;
+            }
+        }
+    }
+    eprintln!("build: {compiled} of {units} units compiled");
     Ok(workspace_root().join("target/release"))
 }
 
