@@ -28,6 +28,12 @@ enum Cmd {
     Demo,
     /// Every test: unit, BPF_PROG_TEST_RUN packet tests, lab end-to-end (needs root).
     Test,
+    /// `kplab ARGS` after `build` (the lab's own command line, e.g. `cargo xtask lab up --manifests
+    /// DIR`); calling `target/release/kplab` directly saves the build check.
+    Lab {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Benchmarks against kube-proxy's modes, side by side; writes bench/results.
     Bench(bench::BenchArgs),
 }
@@ -193,6 +199,19 @@ fn task(command: Cmd) -> anyhow::Result<()> {
                 .arg("demo")
                 .arg("--manifests")
                 .arg(workspace_root().join("examples/demo")))
+        }
+        Cmd::Lab { args } => {
+            setup::ensure()?;
+            let bin = build_programs()?;
+            let status = Command::new(bin.join("kplab"))
+                .args(&args)
+                .status()
+                .context("starting kplab")?;
+            if status.success() {
+                Ok(())
+            } else {
+                std::process::exit(status.code().unwrap_or(1))
+            }
         }
         Cmd::Test => test(),
         Cmd::Bench(args) => bench::run_all(args),
