@@ -9,6 +9,7 @@ use aya_ebpf::{
 };
 use dataplane_common::{DropReason, PROTO_TCP};
 
+use crate::nat::{back_to_pod, swapped_macs};
 use crate::parse::{
     ETH_HLEN, IPV4_OFF, Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
 };
@@ -38,7 +39,7 @@ pub fn reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
     } else {
         icmp_port_unreachable(ctx, pkt, &eth)?;
     }
-    Ok(crate::back_to_pod(ctx))
+    Ok(back_to_pod(ctx))
 }
 
 /// A 4-byte aligned buffer, as `bpf_csum_diff` sums 32-bit words.
@@ -135,8 +136,7 @@ fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet, eth: &[u8; 12]) -> Resul
 #[inline(always)]
 fn store_eth(ctx: &TcContext, eth: &[u8; 12]) -> Result<(), DropReason> {
     let mut out = [0u8; 14];
-    out[..6].copy_from_slice(&eth[6..12]);
-    out[6..12].copy_from_slice(&eth[..6]);
+    out[..12].copy_from_slice(&swapped_macs(eth));
     out[12] = 0x08;
     ctx.store(0, &out, 0).map_err(|_| DropReason::RejectFailed)
 }

@@ -1,0 +1,36 @@
+//! Per-CPU counters, and the one place an `Err(DropReason)` becomes a verdict.
+use aya_ebpf::bindings::TC_ACT_SHOT;
+use dataplane_common::DropReason;
+
+use crate::maps::{DROPS, SVC_STATS};
+
+/// A TC program's verdict: its own on `Ok`, `TC_ACT_SHOT` and a drop counted on `Err`.
+#[inline(always)]
+pub fn verdict(result: Result<i32, DropReason>) -> i32 {
+    match result {
+        Ok(action) => action,
+        Err(reason) => {
+            count_drop(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+pub fn count_drop(reason: DropReason) {
+    if let Some(counter) = DROPS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_service(rev_nat_id: u16, bytes: u32) {
+    if let Some(stats) = SVC_STATS.get_ptr_mut(u32::from(rev_nat_id)) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += u64::from(bytes);
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! Every map of the datapath, with what it holds and who writes it. Names carry a layout version
+//! (`_V1`): a layout change gets a new name, so an upgraded agent never reads an old layout.
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use dataplane_common::{
+    Backend, CtKey, CtValue, DropReason, MAX_BACKENDS, MAX_CONNTRACK, MAX_REV_NAT_IDS,
+    MAX_SERVICE_ENTRIES, ServiceKey, ServiceValue, SvcStats,
+};
+
+/// Service frontends: slot 0 is the header, slots 1..=count the backend ids. Written by the agent.
+#[map(name = "SERVICES_V1")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(MAX_SERVICE_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Backend id -> address and port. Written by the agent.
+#[map(name = "BACKENDS_V1")]
+pub static BACKENDS: HashMap<u32, Backend> =
+    HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+/// Translated connections, one entry per direction. Written by the datapath; swept by the agent.
+#[map(name = "CONNTRACK_V1")]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
+
+/// Packets dropped or rejected, by `DropReason`. Written by the datapath; read by the agent.
+#[map(name = "DROPS_V1")]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
+
+/// Packets and bytes towards each service port, by reverse-NAT id. Written by the datapath.
+#[map(name = "SVC_STATS_V1")]
+pub static SVC_STATS: PerCpuArray<SvcStats> = PerCpuArray::with_max_entries(MAX_REV_NAT_IDS, 0);
+
+/// CLOCK_MONOTONIC in ns, written by the agent several times a second: conntrack timestamps need
+/// no finer clock (refreshes are a second apart, idle lifetimes 10 s and up), and reading an array
+/// slot is a few instructions where a clock helper is a call (costly with return-thunk mitigations).
+#[map(name = "CLOCK_V1")]
+pub static CLOCK: Array<u64> = Array::with_max_entries(1, 0);

@@ -1,0 +1,2 @@
+//! One `try_*` pipeline per hook; each returns the verdict its entry point turns into an action.
+pub mod pod;

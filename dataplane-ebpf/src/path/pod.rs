@@ -1,0 +1,130 @@
+//! The pipelines on a local pod's host-side interface (TC).
+//!
+//! ```text
+//!  from_pod (TC ingress): parse -> conntrack -> service lookup -> backend pick -> conntrack create
+//!                         -> DNAT (| reject, no backend) (| hairpin back to the pod)
+//!  to_pod   (TC egress):  parse -> conntrack (reply) -> reverse NAT (SNAT)
+//! ```
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use dataplane_common::{
+    CT_DIR_REPLY, CT_DIR_SERVICE, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CtKey, CtValue, DropReason,
+    HAIRPIN_ADDR,
+};
+
+use crate::counters::{count_drop, count_service};
+use crate::nat::{IP_DADDR_OFF, back_to_pod, nat_dst, nat_src, rewrite, swapped_macs};
+use crate::parse::Packet;
+use crate::{ct, lb, reject};
+
+pub fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
+    let Some(pkt) = Packet::parse(ctx)? else {
+        return Ok(TC_ACT_OK);
+    };
+    if pkt.daddr == HAIRPIN_ADDR {
+        return hairpin_reply(ctx, &pkt);
+    }
+    let key = pkt.ct_key(CT_DIR_SERVICE);
+    if let Some(ct) = ct::lookup(key) {
+        let reopened = pkt.is_tcp_syn() && ct.flags & CT_FLAG_CLOSING != 0;
+        if !reopened {
+            ct::track(ct, &pkt);
+            count_service(ct.rev_nat_id, ctx.len());
+            nat_dst(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
+            if ct.flags & CT_FLAG_HAIRPIN != 0 {
+                return hairpin(ctx, &pkt, HAIRPIN_ADDR, pkt.sport);
+            }
+            return Ok(TC_ACT_OK);
+        }
+    }
+
+    let Some(header) = lb::lookup(&pkt) else {
+        ct::forget_reused_tuple(&pkt);
+        return Ok(TC_ACT_OK);
+    };
+    count_service(header.rev_nat_id, ctx.len());
+    if header.count == 0 {
+        count_drop(DropReason::NoBackend);
+        return reject::reply(ctx, &pkt);
+    }
+    let (backend_id, backend) = lb::pick(&pkt, &header)?;
+
+    let is_hairpin = backend.addr == pkt.saddr;
+    let (flags, client_addr) = if is_hairpin {
+        (ct::closing_flags(&pkt) | CT_FLAG_HAIRPIN, HAIRPIN_ADDR)
+    } else {
+        (ct::closing_flags(&pkt), pkt.saddr)
+    };
+    let reply_key = CtKey {
+        saddr: backend.addr,
+        daddr: client_addr,
+        sport: backend.port,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        pad: 0,
+    };
+    let reply = CtValue {
+        nat_addr: pkt.daddr,
+        nat_port: pkt.dport,
+        flags,
+        backend_id,
+        rev_nat_id: header.rev_nat_id,
+        pad: 0,
+        last_seen_ns: ct::now_ns(),
+    };
+    let forward = CtValue {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        ..reply
+    };
+    ct::create(key, forward, reply_key, reply)?;
+    nat_dst(ctx, &pkt, backend.addr, backend.port)?;
+    if is_hairpin {
+        return hairpin(ctx, &pkt, HAIRPIN_ADDR, pkt.sport);
+    }
+    Ok(TC_ACT_OK)
+}
+
+pub fn try_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
+    let Some(pkt) = Packet::parse(ctx)? else {
+        return Ok(TC_ACT_OK);
+    };
+    let Some(ct) = ct::lookup(pkt.ct_key(CT_DIR_REPLY)) else {
+        return Ok(TC_ACT_OK);
+    };
+    ct::track(ct, &pkt);
+    nat_src(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
+    Ok(TC_ACT_OK)
+}
+
+/// The reply of a hairpinned connection, sent by the backend pod to [`HAIRPIN_ADDR`]: restore the
+/// service address as its source and the pod itself as its destination.
+#[inline(never)]
+fn hairpin_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+    let Some(ct) = ct::lookup(pkt.ct_key(CT_DIR_REPLY)) else {
+        return Ok(TC_ACT_OK);
+    };
+    ct::track(ct, pkt);
+    // The destination becomes the pod itself (the client side of the hairpin).
+    rewrite(
+        ctx,
+        pkt,
+        IP_DADDR_OFF,
+        pkt.daddr,
+        pkt.saddr,
+        pkt.l4_off + 2,
+        pkt.dport,
+        pkt.dport,
+    )?;
+    hairpin(ctx, pkt, ct.nat_addr, ct.nat_port)
+}
+
+/// Rewrites the source of a packet that goes back to the pod it came from, and sends it straight
+/// back out of the same interface (no routing: the pod's interface is both ends).
+fn hairpin(ctx: &TcContext, pkt: &Packet, saddr: u32, sport: u16) -> Result<i32, DropReason> {
+    nat_src(ctx, pkt, saddr, sport)?;
+    let eth: [u8; 12] = ctx.load(0).map_err(|_| DropReason::NatFailed)?;
+    ctx.store(0, &swapped_macs(&eth), 0)
+        .map_err(|_| DropReason::NatFailed)?;
+    Ok(back_to_pod(ctx))
+}
