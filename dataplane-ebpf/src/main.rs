@@ -8,8 +8,8 @@
 //!                      '- TC egress   `to_pod`:   path::pod::try_to_pod
 //! ```
 //!
-//! Stages, each in its own module and free of any hook's control flow: `parse` (one packet
-//! description), `ct` (conntrack), `lb` (service lookup, backend pick), `nat` (rewrite, redirect),
+//! Stages, each in its own module and free of any hook's control flow, reach the packet through
+//! `ctx::PacketCtx` (implemented for TC; XDP next): `parse` (one packet description), `ct` (conntrack), `lb` (service lookup, backend pick), `nat` (rewrite, redirect),
 //! `reject` (RST / ICMP unreachable), `counters`; `maps` declares every map. Packets the datapath
 //! does not handle (non-IPv4, other L4 protocols, IP fragments) pass untouched.
 #![no_std]
@@ -17,6 +17,7 @@
 
 mod counters;
 mod ct;
+mod ctx;
 mod lb;
 mod maps;
 mod nat;

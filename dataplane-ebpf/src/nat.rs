@@ -1,12 +1,8 @@
-//! Address translation in place: addresses and ports rewritten with incremental checksum updates,
-//! and the redirect back out of the interface a packet came in on.
-use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_redirect,
-    programs::TcContext,
-};
+//! Address translation in place: addresses and ports rewritten with incremental checksum updates.
+use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR};
 use dataplane_common::{DropReason, PROTO_UDP};
 
+use crate::ctx::PacketCtx;
 use crate::parse::{IPV4_OFF, Packet, header_mut};
 
 const IP_SADDR_OFF: usize = IPV4_OFF + 12;
@@ -14,7 +10,12 @@ pub const IP_DADDR_OFF: usize = IPV4_OFF + 16;
 
 /// Rewrites destination address and port, fixing the IPv4 and L4 checksums incrementally.
 #[inline(always)]
-pub fn nat_dst(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16) -> Result<(), DropReason> {
+pub fn nat_dst<C: PacketCtx>(
+    ctx: &C,
+    pkt: &Packet,
+    addr: u32,
+    port: u16,
+) -> Result<(), DropReason> {
     rewrite(
         ctx,
         pkt,
@@ -29,7 +30,12 @@ pub fn nat_dst(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16) -> Result<()
 
 /// Rewrites source address and port, fixing the IPv4 and L4 checksums incrementally.
 #[inline(always)]
-pub fn nat_src(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16) -> Result<(), DropReason> {
+pub fn nat_src<C: PacketCtx>(
+    ctx: &C,
+    pkt: &Packet,
+    addr: u32,
+    port: u16,
+) -> Result<(), DropReason> {
     rewrite(
         ctx,
         pkt,
@@ -47,8 +53,8 @@ pub fn nat_src(ctx: &TcContext, pkt: &Packet, addr: u32, port: u16) -> Result<()
     reason = "one call per direction, all offsets explicit"
 )]
 #[inline(always)]
-pub fn rewrite(
-    ctx: &TcContext,
+pub fn rewrite<C: PacketCtx>(
+    ctx: &C,
     pkt: &Packet,
     addr_off: usize,
     old_addr: u32,
@@ -72,7 +78,7 @@ pub fn rewrite(
             u64::from(new_addr),
             u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
         )
-        .map_err(|_| DropReason::NatFailed)?;
+        .ok_or(DropReason::NatFailed)?;
     }
     if old_port != new_port {
         ctx.l4_csum_replace(
@@ -81,13 +87,13 @@ pub fn rewrite(
             u64::from(new_port),
             mangled | 2,
         )
-        .map_err(|_| DropReason::NatFailed)?;
-        let port = header_mut::<2>(ctx, port_off).ok_or(DropReason::NatFailed)?;
+        .ok_or(DropReason::NatFailed)?;
+        let port = header_mut::<2, C>(ctx, port_off).ok_or(DropReason::NatFailed)?;
         // SAFETY: in bounds (checked by `header_mut`), no helper call since.
         unsafe { *port = new_port.to_ne_bytes() };
     }
     if old_addr != new_addr {
-        let ip = header_mut::<20>(ctx, IPV4_OFF).ok_or(DropReason::NatFailed)?;
+        let ip = header_mut::<20, C>(ctx, IPV4_OFF).ok_or(DropReason::NatFailed)?;
         // SAFETY: in bounds (checked by `header_mut`), no helper call since.
         let ip = unsafe { &mut *ip };
         let at = addr_off - IPV4_OFF;
@@ -120,13 +126,4 @@ pub fn swapped_macs(eth: &[u8; 12]) -> [u8; 12] {
     swapped[..6].copy_from_slice(&eth[6..]);
     swapped[6..].copy_from_slice(&eth[..6]);
     swapped
-}
-
-/// Sends the packet back out of the interface it came in on, towards the pod.
-#[inline(always)]
-pub fn back_to_pod(ctx: &TcContext) -> i32 {
-    // SAFETY: `skb` is the program's own context pointer.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: plain helper call.
-    unsafe { bpf_redirect(ifindex, 0) as i32 }
 }

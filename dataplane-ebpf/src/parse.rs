@@ -1,7 +1,8 @@
 //! Packet parsing: Ethernet -> IPv4 (any header length) -> TCP/UDP ports.
 
-use aya_ebpf::programs::TcContext;
 use dataplane_common::{CtKey, DropReason, PROTO_TCP, PROTO_UDP};
+
+use crate::ctx::PacketCtx;
 
 pub const ETH_HLEN: usize = 14;
 pub const IPV4_OFF: usize = ETH_HLEN;
@@ -44,15 +45,15 @@ impl Packet {
     /// pulled in first; nothing past the headers is (payload pulled into the linear part would
     /// cost a copy of the head of every cloned packet, and TCP sends clones).
     #[inline(always)]
-    pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, DropReason> {
+    pub fn parse<C: PacketCtx>(ctx: &C) -> Result<Option<Packet>, DropReason> {
         let frame_len = ctx.len() as usize;
-        let Some(eth) = header::<ETH_HLEN>(ctx, 0) else {
+        let Some(eth) = header::<ETH_HLEN, C>(ctx, 0) else {
             return Ok(None);
         };
         if u16::from_be_bytes([eth[12], eth[13]]) != ETH_P_IP {
             return Ok(None);
         }
-        let ip = header::<20>(ctx, IPV4_OFF).ok_or(DropReason::Malformed)?;
+        let ip = header::<20, C>(ctx, IPV4_OFF).ok_or(DropReason::Malformed)?;
         if ip[0] >> 4 != 4 {
             return Err(DropReason::Malformed);
         }
@@ -87,7 +88,7 @@ impl Packet {
                 if l4_len < 20 {
                     return Err(DropReason::Malformed);
                 }
-                let tcp = header::<14>(ctx, l4_off).ok_or(DropReason::Malformed)?;
+                let tcp = header::<14, C>(ctx, l4_off).ok_or(DropReason::Malformed)?;
                 let hlen = usize::from(tcp[12] >> 4) * 4;
                 if hlen < 20 || hlen > l4_len {
                     return Err(DropReason::Malformed);
@@ -103,7 +104,7 @@ impl Packet {
                 if l4_len < 8 {
                     return Err(DropReason::Malformed);
                 }
-                let udp = header::<4>(ctx, l4_off).ok_or(DropReason::Malformed)?;
+                let udp = header::<4, C>(ctx, l4_off).ok_or(DropReason::Malformed)?;
                 pkt.sport = u16::from_ne_bytes([udp[0], udp[1]]);
                 pkt.dport = u16::from_ne_bytes([udp[2], udp[3]]);
             }
@@ -137,11 +138,11 @@ impl Packet {
 /// within the packet, the packet is pulled up to their end first (this invalidates earlier header
 /// references). `None` when the packet is shorter, or the pull failed.
 #[inline(always)]
-fn header<const N: usize>(ctx: &TcContext, off: usize) -> Option<&[u8; N]> {
+fn header<const N: usize, C: PacketCtx>(ctx: &C, off: usize) -> Option<&[u8; N]> {
     let p = match header_mut(ctx, off) {
         Some(p) => p,
         None => {
-            if off + N > ctx.len() as usize || ctx.pull_data((off + N) as u32).is_err() {
+            if off + N > ctx.len() as usize || ctx.pull((off + N) as u32).is_none() {
                 return None;
             }
             header_mut(ctx, off)?
@@ -154,7 +155,7 @@ fn header<const N: usize>(ctx: &TcContext, off: usize) -> Option<&[u8; N]> {
 /// A pointer to the `N` bytes at `off` in the linear part of the packet; `None` past its end. Valid
 /// until the next helper call that may move the packet (checksum, store, pull helpers).
 #[inline(always)]
-pub fn header_mut<const N: usize>(ctx: &TcContext, off: usize) -> Option<*mut [u8; N]> {
+pub fn header_mut<const N: usize, C: PacketCtx>(ctx: &C, off: usize) -> Option<*mut [u8; N]> {
     let start = ctx.data() + off;
     if start + N > ctx.data_end() {
         return None;

@@ -9,7 +9,8 @@ use aya_ebpf::{
 };
 use dataplane_common::{DropReason, PROTO_TCP};
 
-use crate::nat::{back_to_pod, swapped_macs};
+use crate::ctx::PacketCtx as _;
+use crate::nat::swapped_macs;
 use crate::parse::{
     ETH_HLEN, IPV4_OFF, Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
 };
@@ -39,7 +40,7 @@ pub fn reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
     } else {
         icmp_port_unreachable(ctx, pkt, &eth)?;
     }
-    Ok(back_to_pod(ctx))
+    Ok(ctx.bounce())
 }
 
 /// A 4-byte aligned buffer, as `bpf_csum_diff` sums 32-bit words.

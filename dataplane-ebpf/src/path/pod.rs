@@ -12,7 +12,8 @@ use dataplane_common::{
 };
 
 use crate::counters::{count_drop, count_service};
-use crate::nat::{IP_DADDR_OFF, back_to_pod, nat_dst, nat_src, rewrite, swapped_macs};
+use crate::ctx::PacketCtx;
+use crate::nat::{IP_DADDR_OFF, nat_dst, nat_src, rewrite, swapped_macs};
 use crate::parse::Packet;
 use crate::{ct, lb, reject};
 
@@ -100,7 +101,7 @@ pub fn try_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
 /// The reply of a hairpinned connection, sent by the backend pod to [`HAIRPIN_ADDR`]: restore the
 /// service address as its source and the pod itself as its destination.
 #[inline(never)]
-fn hairpin_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+fn hairpin_reply<C: PacketCtx>(ctx: &C, pkt: &Packet) -> Result<i32, DropReason> {
     let Some(ct) = ct::lookup(pkt.ct_key(CT_DIR_REPLY)) else {
         return Ok(TC_ACT_OK);
     };
@@ -121,10 +122,10 @@ fn hairpin_reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
 
 /// Rewrites the source of a packet that goes back to the pod it came from, and sends it straight
 /// back out of the same interface (no routing: the pod's interface is both ends).
-fn hairpin(ctx: &TcContext, pkt: &Packet, saddr: u32, sport: u16) -> Result<i32, DropReason> {
+fn hairpin<C: PacketCtx>(ctx: &C, pkt: &Packet, saddr: u32, sport: u16) -> Result<i32, DropReason> {
     nat_src(ctx, pkt, saddr, sport)?;
-    let eth: [u8; 12] = ctx.load(0).map_err(|_| DropReason::NatFailed)?;
-    ctx.store(0, &swapped_macs(&eth), 0)
-        .map_err(|_| DropReason::NatFailed)?;
-    Ok(back_to_pod(ctx))
+    let eth: [u8; 12] = ctx.load(0).ok_or(DropReason::NatFailed)?;
+    ctx.store(0, &swapped_macs(&eth))
+        .ok_or(DropReason::NatFailed)?;
+    Ok(ctx.bounce())
 }
