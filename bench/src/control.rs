@@ -7,10 +7,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use dataplane_agent::agent::{Agent, Batch};
+use dataplane_agent::agent::Agent;
 use dataplane_agent::datapath::Datapath;
-use dataplane_agent::manifests::Event;
 use dataplane_agent::model::{Kind, Object};
+use dataplane_agent::source::Batch;
+use dataplane_agent::source::Event;
 use dataplane_agent::translate::FrontendSpec;
 
 use crate::cluster;

@@ -21,10 +21,11 @@ use tracing::{debug, info, warn};
 
 use crate::datapath::Datapath;
 use crate::interfaces::{ifindex, local_pod_ips, parse_routes, pod_interfaces};
-use crate::manifests::{Event, ManifestSource};
+use crate::manifests::ManifestSource;
 use crate::metrics::{Histogram, MapUsage, ServiceStatus, Status};
 use crate::model::{Dirty, Index};
 use crate::program::Programmer;
+use crate::source::{Batch, Event};
 
 /// Conntrack lifetimes without traffic, by state (as Cilium's defaults).
 const CT_TCP_OPEN: Duration = Duration::from_secs(6 * 3600);
@@ -54,16 +55,6 @@ pub enum Source {
     Manifests(PathBuf),
     /// The Kubernetes API: a kubeconfig file, or the in-cluster configuration when `None`.
     Kubernetes { kubeconfig: Option<PathBuf> },
-}
-
-/// One batch of changes from a source; `fingerprint` identifies the source state it leads to.
-#[derive(Debug)]
-pub struct Batch {
-    pub events: Vec<Event>,
-    pub warnings: Vec<String>,
-    pub fingerprint: u64,
-    /// When the source saw the change (the start of the sync-latency measurement).
-    pub received: Instant,
 }
 
 /// The agent's state.

@@ -29,9 +29,8 @@ use kube::{Api, Client};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::agent::Batch;
-use crate::manifests::Event;
 use crate::model::{Kind, Object, ObjectKey};
+use crate::source::{Batch, Event};
 
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 

@@ -11,6 +11,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod program;
+pub mod source;
 #[cfg(test)]
 pub mod testutil;
 pub mod translate;

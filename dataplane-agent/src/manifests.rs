@@ -15,13 +15,7 @@ use std::time::SystemTime;
 use serde::Deserialize as _;
 
 use crate::model::{Kind, Object, ObjectKey};
-
-/// One change to the index.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Event {
-    Apply(Object),
-    Delete(ObjectKey),
-}
+use crate::source::Event;
 
 /// The result of a scan that found changes.
 #[derive(Debug, Default)]

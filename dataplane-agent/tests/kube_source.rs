@@ -6,12 +6,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dataplane_agent::agent::Batch;
 use dataplane_agent::diff::MapState;
 use dataplane_agent::kube_source;
-use dataplane_agent::manifests::Event;
 use dataplane_agent::model::{Index, NsName};
 use dataplane_agent::program::Programmer;
+use dataplane_agent::source::Batch;
+use dataplane_agent::source::Event;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
