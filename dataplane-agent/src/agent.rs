@@ -26,6 +26,7 @@ use crate::metrics::{Histogram, MapUsage, ServiceStatus, Status};
 use crate::model::{Dirty, Index};
 use crate::program::Programmer;
 use crate::source::{Batch, Event};
+use dataplane_core::status::by_label;
 
 /// Conntrack lifetimes without traffic, by state (as Cilium's defaults).
 const CT_TCP_OPEN: Duration = Duration::from_secs(6 * 3600);
@@ -278,10 +279,10 @@ impl Agent {
             node: self.node.clone(),
             generation: self.generation,
             fingerprint: self.fingerprint.map(|f| format!("{f:016x}")),
-            objects: self.index.counts(),
+            objects: by_label(self.index.counts()),
             frontends,
             backends,
-            maps: BTreeMap::from([
+            maps: by_label([
                 (
                     map_names::SERVICES,
                     usage(service_entries, MAX_SERVICE_ENTRIES),
@@ -293,8 +294,8 @@ impl Agent {
                 ),
             ]),
             interfaces: self.datapath.attached().map(str::to_owned).collect(),
-            errors: self.errors.clone(),
-            drops: self.drops.clone(),
+            errors: by_label(self.errors.clone()),
+            drops: by_label(self.drops.clone()),
             sync_latency: self.sync_latency.clone(),
             services,
         }

@@ -37,7 +37,7 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// Contribution of one object version to the source digest (see [`KubeState::digest`]).
 #[must_use]
 pub fn object_digest(key: &ObjectKey, resource_version: &str) -> u64 {
-    dataplane_common::object_digest(
+    dataplane_core::manifest::object_digest(
         key.kind.as_str(),
         &key.namespace,
         &key.name,

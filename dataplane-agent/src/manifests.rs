@@ -9,13 +9,14 @@
 //! A document that cannot be read is skipped with a warning naming it; when its kind and name can
 //! still be read, the object it had before is kept, so a bad edit loses nothing.
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::SystemTime;
 
 use serde::Deserialize as _;
 
 use crate::model::{Kind, Object, ObjectKey};
 use crate::source::Event;
+use dataplane_core::manifest::is_manifest;
 
 /// The result of a scan that found changes.
 #[derive(Debug, Default)]
@@ -23,7 +24,7 @@ pub struct Scan {
     pub events: Vec<Event>,
     pub warnings: Vec<String>,
     /// Fingerprint of every manifest file now in the directory (see
-    /// [`dataplane_common::manifest_fingerprint`]).
+    /// [`dataplane_core::manifest::manifest_fingerprint`]).
     pub fingerprint: u64,
 }
 
@@ -32,7 +33,7 @@ pub struct Scan {
 #[derive(Debug)]
 struct FileState {
     stamp: (SystemTime, u64, PathBuf),
-    /// [`dataplane_common::content_digest`] of the whole file.
+    /// [`dataplane_core::manifest::content_digest`] of the whole file.
     digest: u64,
     /// Each object's digest (of its JSON form).
     objects: BTreeMap<ObjectKey, u64>,
@@ -46,15 +47,6 @@ pub struct ManifestSource {
     /// Which file an object comes from; a second file defining the same object is ignored for it.
     owners: HashMap<ObjectKey, String>,
     scanned_once: bool,
-}
-
-/// Whether a file name is a manifest: `.yaml`, `.yml` or `.json`, not hidden.
-#[must_use]
-pub fn is_manifest(name: &str) -> bool {
-    !name.starts_with('.')
-        && Path::new(name)
-            .extension()
-            .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
 }
 
 /// A document that could not be turned into an object.
@@ -132,7 +124,7 @@ impl ManifestSource {
                     continue;
                 }
             };
-            let digest = dataplane_common::content_digest(&content);
+            let digest = dataplane_core::manifest::content_digest(&content);
             if let Some(f) = self.files.get_mut(&name)
                 && f.digest == digest
             {
@@ -177,7 +169,7 @@ impl ManifestSource {
         if !changed {
             return Ok(None);
         }
-        scan.fingerprint = dataplane_common::fingerprint_of_digests(
+        scan.fingerprint = dataplane_core::manifest::fingerprint_of_digests(
             self.files.iter().map(|(n, f)| (n.as_bytes(), f.digest)),
         );
         Ok(Some(scan))
@@ -288,6 +280,8 @@ fn to_object(index: usize, value: serde_yaml::Value) -> Option<Result<(Object, u
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n";
@@ -327,7 +321,7 @@ mod tests {
         let content = std::fs::read(dir.path().join("a.yaml")).unwrap();
         assert_eq!(
             scan.fingerprint,
-            dataplane_common::manifest_fingerprint([(&b"a.yaml"[..], content.as_slice())])
+            dataplane_core::manifest::manifest_fingerprint([(&b"a.yaml"[..], content.as_slice())])
         );
         assert!(src.scan().unwrap().is_none(), "nothing changed");
     }

@@ -1,90 +1,8 @@
 //! What the agent reports: the status (JSON, for the status file and the lab) and its Prometheus
 //! text rendering (for `/metrics`).
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::Serialize;
-
-/// Upper bounds (seconds) of the sync-latency histogram buckets.
-const LATENCY_BOUNDS: [f64; 12] = [
-    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
-];
-
-/// A Prometheus-style histogram (per-bucket counts; rendered cumulatively).
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Histogram {
-    pub bounds: Vec<f64>,
-    pub counts: Vec<u64>,
-    pub sum: f64,
-    pub count: u64,
-}
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Self {
-            bounds: LATENCY_BOUNDS.to_vec(),
-            counts: vec![0; LATENCY_BOUNDS.len()],
-            sum: 0.0,
-            count: 0,
-        }
-    }
-}
-
-impl Histogram {
-    pub fn observe(&mut self, seconds: f64) {
-        if let Some(i) = self.bounds.iter().position(|b| seconds <= *b) {
-            self.counts[i] += 1;
-        }
-        self.sum += seconds;
-        self.count += 1;
-    }
-}
-
-/// Entries and capacity of one map.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct MapUsage {
-    pub entries: u64,
-    pub capacity: u64,
-}
-
-/// Per-service-port traffic.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct ServiceStatus {
-    pub service: String,
-    pub frontend: String,
-    pub backends: Vec<String>,
-    pub packets: u64,
-    pub bytes: u64,
-}
-
-/// What the agent reports about itself.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct Status {
-    pub node: String,
-    /// Number of batches fully programmed so far; 0 until the first full sync is programmed.
-    pub generation: u64,
-    /// Fingerprint of the source state the maps now reflect (hex), once programmed.
-    pub fingerprint: Option<String>,
-    pub objects: BTreeMap<&'static str, usize>,
-    pub frontends: usize,
-    pub backends: usize,
-    pub maps: BTreeMap<&'static str, MapUsage>,
-    pub interfaces: Vec<String>,
-    /// Problems by label: skipped objects, map write and attach failures.
-    pub errors: BTreeMap<&'static str, u64>,
-    pub drops: BTreeMap<&'static str, u64>,
-    /// Time from a change being received to its map writes being done.
-    pub sync_latency: Histogram,
-    pub services: Vec<ServiceStatus>,
-}
-
-impl Status {
-    /// Ready once the first full sync is programmed.
-    #[must_use]
-    pub fn ready(&self) -> bool {
-        self.generation > 0
-    }
-}
+pub use dataplane_core::status::{Histogram, MapUsage, ServiceStatus, Status};
 
 fn esc(s: &str) -> String {
     s.replace('\\', "\\\\")
@@ -234,11 +152,11 @@ mod tests {
     #[test]
     fn every_sample_line_belongs_to_a_declared_family() {
         let mut s = Status::default();
-        s.objects.insert("Service", 2);
-        s.errors.insert("map_write", 1);
-        s.drops.insert("malformed", 3);
+        s.objects.insert("Service".into(), 2);
+        s.errors.insert("map_write".into(), 1);
+        s.drops.insert("malformed".into(), 3);
         s.maps.insert(
-            "SERVICES_V1",
+            "SERVICES_V1".into(),
             MapUsage {
                 entries: 5,
                 capacity: 10,

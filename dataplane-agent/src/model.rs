@@ -153,7 +153,7 @@ impl Object {
             Object::NetworkPolicy(o) => serde_json::to_vec(o),
         };
         // Serializing a typed object cannot fail (no maps with non-string keys in these types).
-        dataplane_common::content_digest(&json.unwrap_or_default())
+        dataplane_core::manifest::content_digest(&json.unwrap_or_default())
     }
 
     /// The object's metadata.

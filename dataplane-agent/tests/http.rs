@@ -37,15 +37,15 @@ fn healthz_readyz_and_metrics() {
         generation: 1,
         ..Status::default()
     };
-    status.objects.insert("Service", 3);
+    status.objects.insert("Service".into(), 3);
     status.maps.insert(
-        "SERVICES_V1",
+        "SERVICES_V1".into(),
         MapUsage {
             entries: 7,
             capacity: 1 << 20,
         },
     );
-    status.errors.insert("malformed_object", 2);
+    status.errors.insert("malformed_object".into(), 2);
     status.sync_latency.observe(0.0004);
     tx.send_replace(Arc::new(status));
 

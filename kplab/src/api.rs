@@ -277,7 +277,7 @@ pub async fn digest(client: &Client) -> anyhow::Result<u64> {
             } else {
                 String::new()
             };
-            digest ^= dataplane_common::object_digest(
+            digest ^= dataplane_core::manifest::object_digest(
                 kind,
                 &ns,
                 o.metadata.name.as_deref().unwrap_or_default(),

@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
+use dataplane_core::manifest::is_manifest;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use serde::Deserialize as _;
 
@@ -76,10 +77,6 @@ pub struct Cluster {
     pub pods: Vec<PodSpec>,
     pub services: Vec<ServiceSpec>,
     pub files: BTreeMap<String, Vec<u8>>,
-}
-
-fn is_manifest(name: &str) -> bool {
-    !name.starts_with('.') && [".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e))
 }
 
 /// Reads every manifest file of `dir`.

@@ -160,19 +160,12 @@ fn report(state: &State) -> anyhow::Result<(String, Vec<String>)> {
     // Service, the backends the agent programmed for it, and as clients the pods no Service
     // selects.
     let status = agent_status(&state.nodes[0].spec.name)?;
-    let programmed: BTreeMap<String, Vec<String>> = status["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|s| {
-            let backends = s["backends"].as_array()?.iter();
-            Some((
-                s["frontend"].as_str()?.to_owned(),
-                backends
-                    .filter_map(|b| b.as_str())
-                    .map(|b| pod_at(state, b))
-                    .collect(),
-            ))
+    let programmed: BTreeMap<String, Vec<String>> = status
+        .services
+        .iter()
+        .map(|s| {
+            let backends = s.backends.iter().map(|b| pod_at(state, b)).collect();
+            (s.frontend.clone(), backends)
         })
         .collect();
     let clients: Vec<&str> = state
@@ -268,31 +261,23 @@ fn report(state: &State) -> anyhow::Result<(String, Vec<String>)> {
     )?;
     for n in &state.nodes {
         let s = agent_status(&n.spec.name)?;
-        let drops: Vec<String> = s["drops"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(_, v)| v.as_u64() != Some(0))
+        let drops: Vec<String> = s
+            .drops
+            .iter()
+            .filter(|(_, v)| **v != 0)
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        let per_svc: Vec<String> = s["services"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|x| x["packets"].as_u64() != Some(0))
-            .map(|x| {
-                format!(
-                    "{} {} pkts",
-                    x["frontend"].as_str().unwrap_or_default(),
-                    x["packets"]
-                )
-            })
+        let per_svc: Vec<String> = s
+            .services
+            .iter()
+            .filter(|x| x.packets != 0)
+            .map(|x| format!("{} {} pkts", x.frontend, x.packets))
             .collect();
         writeln!(
             out,
             "{}: attached to {} pod interfaces; drops: {}; to services: {}",
             n.spec.name,
-            s["interfaces"].as_array().map_or(0, Vec::len),
+            s.interfaces.len(),
             if drops.is_empty() {
                 "none".to_owned()
             } else {

@@ -499,7 +499,7 @@ fn wait_programmed(
         }
         None => None,
     };
-    let manifests = dataplane_common::manifest_fingerprint(
+    let manifests = dataplane_core::manifest::manifest_fingerprint(
         files.iter().map(|(n, c)| (n.as_bytes(), c.as_slice())),
     );
     let mut want = format!("{manifests:016x}");
@@ -526,14 +526,10 @@ fn wait_programmed(
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }
-            let status: Option<serde_json::Value> = std::fs::read(dir.join("status.json"))
+            let done = agent_status(&node.spec.name)
                 .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            let done = status
-                .as_ref()
-                .and_then(|s| s.get("fingerprint"))
-                .and_then(|f| f.as_str())
-                == Some(want.as_str());
+                .and_then(|s| s.fingerprint)
+                .is_some_and(|f| f == want);
             if !done {
                 still.push(node);
             }
@@ -555,7 +551,7 @@ fn wait_programmed(
 ///
 /// # Errors
 /// The file is missing or not JSON.
-pub fn agent_status(node: &str) -> anyhow::Result<serde_json::Value> {
+pub fn agent_status(node: &str) -> anyhow::Result<dataplane_core::status::Status> {
     let path = home().join("nodes").join(node).join("status.json");
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     Ok(serde_json::from_slice(&bytes)?)

@@ -40,12 +40,12 @@ fn in_ns(netns: &str, program: &str, args: &[&str]) -> anyhow::Result<()> {
 
 /// Short, stable interface-name suffix (interface names are limited to 15 bytes).
 fn short_hash(s: &str) -> String {
-    let h = dataplane_common::manifest_fingerprint([(s.as_bytes(), &[][..])]);
+    let h = dataplane_core::manifest::manifest_fingerprint([(s.as_bytes(), &[][..])]);
     format!("{:08x}", h as u32)
 }
 
 fn mac(kind: u8, s: &str) -> String {
-    let h = dataplane_common::manifest_fingerprint([(s.as_bytes(), &[][..])]).to_be_bytes();
+    let h = dataplane_core::manifest::manifest_fingerprint([(s.as_bytes(), &[][..])]).to_be_bytes();
     format!(
         "02:{kind:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         h[0], h[1], h[2], h[3]

@@ -1,0 +1,97 @@
+//! What an agent reports about itself (the status file, `/metrics`), typed for every reader.
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A label: static in the agent, owned when read back.
+pub type Label = Cow<'static, str>;
+
+/// A map by label from the agent's static labels.
+pub fn by_label<V>(entries: impl IntoIterator<Item = (&'static str, V)>) -> BTreeMap<Label, V> {
+    entries
+        .into_iter()
+        .map(|(k, v)| (Cow::Borrowed(k), v))
+        .collect()
+}
+
+/// Upper bounds (seconds) of the sync-latency histogram buckets.
+const LATENCY_BOUNDS: [f64; 12] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+];
+
+/// A Prometheus-style histogram (per-bucket counts; rendered cumulatively).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Histogram {
+    pub bounds: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            bounds: LATENCY_BOUNDS.to_vec(),
+            counts: vec![0; LATENCY_BOUNDS.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&mut self, seconds: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| seconds <= *b) {
+            self.counts[i] += 1;
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
+}
+
+/// Entries and capacity of one map.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MapUsage {
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// Per-service-port traffic.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceStatus {
+    pub service: String,
+    pub frontend: String,
+    pub backends: Vec<String>,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// What the agent reports about itself.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub node: String,
+    /// Number of batches fully programmed so far; 0 until the first full sync is programmed.
+    pub generation: u64,
+    /// Fingerprint of the source state the maps now reflect (hex), once programmed.
+    pub fingerprint: Option<String>,
+    pub objects: BTreeMap<Label, usize>,
+    pub frontends: usize,
+    pub backends: usize,
+    pub maps: BTreeMap<Label, MapUsage>,
+    pub interfaces: Vec<String>,
+    /// Problems by label: skipped objects, map write and attach failures.
+    pub errors: BTreeMap<Label, u64>,
+    pub drops: BTreeMap<Label, u64>,
+    /// Time from a change being received to its map writes being done.
+    pub sync_latency: Histogram,
+    pub services: Vec<ServiceStatus>,
+}
+
+impl Status {
+    /// Ready once the first full sync is programmed.
+    #[must_use]
+    pub fn ready(&self) -> bool {
+        self.generation > 0
+    }
+}
