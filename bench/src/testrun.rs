@@ -12,7 +12,7 @@ use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
 use anyhow::{Context as _, bail};
 use aya::programs::{TestRun as _, TestRunOptions};
 use dataplane_agent::datapath::Datapath;
-use dataplane_agent::program::Programmer;
+use dataplane_agent::program::{Programmer, SyncProblem};
 use dataplane_common::prog_names;
 
 use crate::cluster;
@@ -243,7 +243,11 @@ pub fn measure(n: usize, endpoints: usize, runs: usize) -> anyhow::Result<Scale>
     let mut programmer = Programmer::default();
     for svc in index.services.keys() {
         let report = programmer.sync_service(&index, svc, &mut dp);
-        if let Some(e) = report.write_errors.first() {
+        let write_failed = report
+            .problems
+            .iter()
+            .find(|p| matches!(p, SyncProblem::MapWrite { .. }));
+        if let Some(e) = write_failed {
             bail!("programming {n} Services: {e}");
         }
     }

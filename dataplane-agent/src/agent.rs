@@ -111,14 +111,11 @@ impl Agent {
             let report = self
                 .programmer
                 .sync_service(&self.index, svc, &mut self.datapath);
-            for w in &report.warnings {
-                warn!("{w}");
+            for problem in &report.problems {
+                let label = problem.metric_label();
+                warn!(service = %svc, label, "{problem}");
+                self.count_errors(label, 1);
             }
-            for e in &report.write_errors {
-                warn!(service = %svc, "map write failed: {e}");
-            }
-            self.count_errors("service_skipped", report.warnings.len());
-            self.count_errors("map_write", report.write_errors.len());
             ops += report.ops;
         }
         self.generation += 1;

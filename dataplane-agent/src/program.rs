@@ -17,7 +17,7 @@ use dataplane_common::{
 
 use crate::diff::{MapState, Op, diff};
 use crate::model::{Index, NsName};
-use crate::translate::{BackendAddr, Frontend, FrontendSpec, translate_service};
+use crate::translate::{BackendAddr, Frontend, FrontendSpec, TranslateError, translate_service};
 
 /// Where map writes go: the kernel maps, or a [`MapState`] in tests.
 pub trait MapWriter {
@@ -36,11 +36,53 @@ impl MapWriter for MapState {
 }
 
 /// What a sync did, for logs and status.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct SyncReport {
     pub ops: usize,
-    pub write_errors: Vec<String>,
-    pub warnings: Vec<String>,
+    pub problems: Vec<SyncProblem>,
+}
+
+/// Why a Service was not, or not wholly, programmed. Each names the Service; the agent logs it
+/// and counts it by [`SyncProblem::metric_label`].
+#[derive(Debug, thiserror::Error)]
+pub enum SyncProblem {
+    #[error("Service {service}: {message}")]
+    Translation { service: NsName, message: String },
+    #[error("Service {service} skipped, keeping what was programmed: {error}")]
+    Skipped {
+        service: NsName,
+        error: TranslateError,
+    },
+    #[error("Service {service}: {frontend} is already served by Service {owner}, skipped")]
+    FrontendTaken {
+        service: NsName,
+        frontend: Frontend,
+        owner: NsName,
+    },
+    #[error("Service {service}: no reverse-NAT id left for {frontend}")]
+    NoRevNatId { service: NsName, frontend: Frontend },
+    #[error("Service {service}: backend table full")]
+    BackendTableFull { service: NsName },
+    #[error("Service {service}: map write failed: {op}: {error}")]
+    MapWrite {
+        service: NsName,
+        op: String,
+        error: String,
+    },
+}
+
+impl SyncProblem {
+    #[must_use]
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            SyncProblem::Translation { .. } => "service_warning",
+            SyncProblem::Skipped { error, .. } => error.metric_label(),
+            SyncProblem::FrontendTaken { .. } => "frontend_conflict",
+            SyncProblem::NoRevNatId { .. } => "rev_nat_ids_exhausted",
+            SyncProblem::BackendTableFull { .. } => "backend_table_full",
+            SyncProblem::MapWrite { .. } => "map_write",
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -126,45 +168,50 @@ impl Programmer {
         writer: &mut dyn MapWriter,
     ) -> SyncReport {
         let mut report = SyncReport::default();
-        let desired = match index.services.get(svc) {
-            None => Vec::new(),
-            Some(service) => match translate_service(service, &index.slices_of(svc)) {
-                Ok(t) => {
-                    report.warnings.extend(
-                        t.warnings
-                            .into_iter()
-                            .map(|w| format!("Service {svc}: {w}")),
-                    );
-                    t.frontends
-                }
-                Err(e) => {
-                    report.warnings.push(format!(
-                        "Service {svc} skipped, keeping what was programmed: {e}"
-                    ));
-                    return report;
-                }
-            },
-        };
-        let desired = self.claim(svc, desired, &mut report.warnings);
+        let desired =
+            match index.services.get(svc) {
+                None => Vec::new(),
+                Some(service) => match translate_service(service, &index.slices_of(svc)) {
+                    Ok(t) => {
+                        report
+                            .problems
+                            .extend(t.warnings.into_iter().map(|message| {
+                                SyncProblem::Translation {
+                                    service: svc.clone(),
+                                    message,
+                                }
+                            }));
+                        t.frontends
+                    }
+                    Err(error) => {
+                        report.problems.push(SyncProblem::Skipped {
+                            service: svc.clone(),
+                            error,
+                        });
+                        return report;
+                    }
+                },
+            };
+        let desired = self.claim(svc, desired, &mut report.problems);
         let old = self.programmed.remove(svc).unwrap_or_default();
 
         let mut old_state = MapState::default();
         let mut new_state = MapState::default();
         for spec in &desired {
             let Some(rev_nat_id) = self.rev_nat_id_for(spec.frontend) else {
-                report.warnings.push(format!(
-                    "Service {svc}: no reverse-NAT id left for {}",
-                    spec.frontend
-                ));
+                report.problems.push(SyncProblem::NoRevNatId {
+                    service: svc.clone(),
+                    frontend: spec.frontend,
+                });
                 continue;
             };
             let mut ids = Vec::with_capacity(spec.backends.len());
             for b in &spec.backends {
                 match self.acquire_backend(*b, &mut new_state) {
                     Some(id) => ids.push(id),
-                    None => report
-                        .warnings
-                        .push(format!("Service {svc}: backend table full")),
+                    None => report.problems.push(SyncProblem::BackendTableFull {
+                        service: svc.clone(),
+                    }),
                 }
             }
             entries(spec.frontend, rev_nat_id, &ids, &mut new_state);
@@ -196,7 +243,11 @@ impl Programmer {
         report.ops = ops.len();
         for op in &ops {
             if let Err(e) = writer.write(op) {
-                report.write_errors.push(format!("{op:?}: {e:#}"));
+                report.problems.push(SyncProblem::MapWrite {
+                    service: svc.clone(),
+                    op: format!("{op:?}"),
+                    error: format!("{e:#}"),
+                });
             }
         }
         report
@@ -207,16 +258,17 @@ impl Programmer {
         &mut self,
         svc: &NsName,
         desired: Vec<FrontendSpec>,
-        warnings: &mut Vec<String>,
+        problems: &mut Vec<SyncProblem>,
     ) -> Vec<FrontendSpec> {
         desired
             .into_iter()
             .filter(|spec| match self.owners.get(&spec.frontend) {
                 Some(owner) if owner != svc => {
-                    warnings.push(format!(
-                        "Service {svc}: {} is already served by Service {owner}, skipped",
-                        spec.frontend
-                    ));
+                    problems.push(SyncProblem::FrontendTaken {
+                        service: svc.clone(),
+                        frontend: spec.frontend,
+                        owner: owner.clone(),
+                    });
                     false
                 }
                 _ => {
@@ -435,8 +487,9 @@ mod tests {
         assert_eq!(maps, before);
         assert!(
             report
-                .warnings
+                .problems
                 .iter()
+                .map(ToString::to_string)
                 .any(|w| w.contains("ns/web") && w.contains("banana"))
         );
     }
@@ -462,8 +515,9 @@ mod tests {
         let report = p.sync_service(&index, &ns("b"), &mut maps);
         assert!(
             report
-                .warnings
+                .problems
                 .iter()
+                .map(ToString::to_string)
                 .any(|w| w.contains("already served by Service ns/a"))
         );
         assert_eq!(maps.services.len(), 1);
