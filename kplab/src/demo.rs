@@ -90,14 +90,15 @@ fn pod_at(state: &State, addr: &str) -> String {
         .map_or_else(|| addr.to_owned(), |p| p.spec.key.clone())
 }
 
-/// One client's line and per-backend histogram for one Service port.
+/// One client's line and per-backend histogram for one Service port; returns the fewest answers
+/// any backend gave.
 fn spread(
     out: &mut String,
     state: &State,
     from: &str,
     backends: &[String],
     t: &Tally,
-) -> std::fmt::Result {
+) -> Result<u32, std::fmt::Error> {
     writeln!(
         out,
         "from {from} ({}): {}/{CONNECTIONS} connected, {} refused, {} timed out; client address preserved {}/{}",
@@ -121,13 +122,14 @@ fn spread(
     let counts = backends
         .iter()
         .map(|b| t.by_backend.get(b).copied().unwrap_or(0));
+    let min = counts.clone().min().unwrap_or(0);
     writeln!(
         out,
-        "    spread: min {}, max {}, ideal {:.1} per backend",
-        counts.clone().min().unwrap_or(0),
+        "    spread: min {min}, max {}, ideal {:.1} per backend",
         counts.max().unwrap_or(0),
         f64::from(CONNECTIONS) / backends.len() as f64
-    )
+    )?;
+    Ok(min)
 }
 
 fn report(state: &State) -> anyhow::Result<(String, Vec<String>)> {
@@ -199,12 +201,7 @@ fn report(state: &State) -> anyhow::Result<(String, Vec<String>)> {
             )?;
             for from in &clients {
                 let t = tally(state, from, proto, to, CONNECTIONS)?;
-                spread(&mut out, state, from, &backends, &t)?;
-                let min = backends
-                    .iter()
-                    .map(|b| t.by_backend.get(b).copied().unwrap_or(0))
-                    .min()
-                    .unwrap_or(0);
+                let min = spread(&mut out, state, from, &backends, &t)?;
                 if t.connected != CONNECTIONS || min == 0 || t.preserved != t.connected {
                     problems.push(format!(
                         "{} {frontend} from {from}: {}/{CONNECTIONS} connected, min per backend {min}, preserved {}",

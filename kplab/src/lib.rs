@@ -199,10 +199,10 @@ pub fn main(cmd: LabCmd) -> anyhow::Result<()> {
         LabCmd::Relay { listen, to } => api::relay(&listen, &to),
         LabCmd::Agents { action, detach } => {
             require_root()?;
-            if detach && action == "stop" {
-                detach_datapath()
-            } else {
-                agents(&action)
+            match (action.as_str(), detach) {
+                ("stop", true) => detach_datapath(),
+                (_, true) => bail!("--detach goes with `agents stop`"),
+                _ => agents(&action),
             }
         }
         LabCmd::Apply { dir } => {

@@ -181,6 +181,20 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Setup, build, then `kplab ARGS`, exiting with kplab's status (its own message says why).
+fn kplab(args: &[&std::ffi::OsStr]) -> anyhow::Result<()> {
+    setup::ensure()?;
+    let bin = build_programs()?;
+    let status = Command::new(bin.join("kplab"))
+        .args(args)
+        .status()
+        .context("starting kplab")?;
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Ok(())
+}
+
 fn task(command: Cmd) -> anyhow::Result<()> {
     match command {
         Cmd::Setup => setup::ensure(),
@@ -193,26 +207,10 @@ fn task(command: Cmd) -> anyhow::Result<()> {
             image::build().map(drop)
         }
         Cmd::Demo => {
-            setup::ensure()?;
-            let bin = build_programs()?;
-            run(Command::new(bin.join("kplab"))
-                .arg("demo")
-                .arg("--manifests")
-                .arg(workspace_root().join("examples/demo")))
+            let demo = workspace_root().join("examples/demo");
+            kplab(&["demo".as_ref(), "--manifests".as_ref(), demo.as_os_str()])
         }
-        Cmd::Lab { args } => {
-            setup::ensure()?;
-            let bin = build_programs()?;
-            let status = Command::new(bin.join("kplab"))
-                .args(&args)
-                .status()
-                .context("starting kplab")?;
-            if status.success() {
-                Ok(())
-            } else {
-                std::process::exit(status.code().unwrap_or(1))
-            }
-        }
+        Cmd::Lab { args } => kplab(&args.iter().map(AsRef::as_ref).collect::<Vec<_>>()),
         Cmd::Test => test(),
         Cmd::Bench(args) => bench::run_all(args),
     }
