@@ -3,10 +3,10 @@
 //! change, and building the backend-selection table (slots) of every Service into map state.
 use bench::cluster;
 use criterion::{Criterion, criterion_group, criterion_main};
-use dataplane_agent::diff::{MapState, diff};
-use dataplane_agent::model::{Kind, Object};
-use dataplane_agent::program::Programmer;
-use dataplane_agent::translate::translate_service;
+use dataplane_core::maps::{MapState, diff};
+use dataplane_core::object::{Kind, Object};
+use dataplane_core::reconcile::Reconciler;
+use dataplane_core::translate::translate_service;
 
 const N: usize = 10_000;
 
@@ -25,11 +25,11 @@ fn benches(c: &mut Criterion) {
 
     // Every Service's slots written into map state: the backend-selection tables.
     let mut full = MapState::default();
-    let mut programmer = Programmer::default();
+    let mut programmer = Reconciler::default();
     c.bench_function("program all 10k Services into map state", |b| {
         b.iter(|| {
             full = MapState::default();
-            programmer = Programmer::default();
+            programmer = Reconciler::default();
             for name in index.services.keys() {
                 programmer.sync_service(&index, name, &mut full);
             }

@@ -4,8 +4,9 @@
 //! sit in the middle of the list, so rule chains walked in order are walked half way.
 use std::net::Ipv4Addr;
 
-use dataplane_agent::model::{Index, NsName, Object};
-use dataplane_agent::translate::{FrontendSpec, translate_service};
+use dataplane_core::index::Index;
+use dataplane_core::object::{NsName, Object};
+use dataplane_core::translate::{FrontendSpec, translate_service};
 use serde_json::json;
 
 /// The namespace of every synthetic object.
@@ -101,8 +102,8 @@ pub fn index(objects: &[serde_json::Value]) -> Index {
     let mut index = Index::default();
     for o in objects {
         let kind = match o["kind"].as_str() {
-            Some("Service") => dataplane_agent::model::Kind::Service,
-            _ => dataplane_agent::model::Kind::EndpointSlice,
+            Some("Service") => dataplane_core::object::Kind::Service,
+            _ => dataplane_core::object::Kind::EndpointSlice,
         };
         let _ = index.apply(Object::parse(kind, o.clone()).expect("generated object is valid"));
     }

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use dataplane_agent::agent::Agent;
 use dataplane_agent::datapath::Datapath;
-use dataplane_agent::model::{Kind, Object};
-use dataplane_agent::source::Batch;
-use dataplane_agent::source::Event;
-use dataplane_agent::translate::FrontendSpec;
+use dataplane_core::object::{Kind, Object};
+use dataplane_core::source::Batch;
+use dataplane_core::source::Event;
+use dataplane_core::translate::FrontendSpec;
 
 use crate::cluster;
 use crate::kubeproxy;
@@ -175,8 +175,8 @@ impl Drop for Netns {
 }
 
 /// The baseline modes: (name, loader command, rules generator, change generator).
-type Generator = fn(&[(dataplane_agent::model::NsName, Vec<FrontendSpec>)]) -> String;
-type ChangeGenerator = fn(&dataplane_agent::model::NsName, &FrontendSpec) -> String;
+type Generator = fn(&[(dataplane_core::object::NsName, Vec<FrontendSpec>)]) -> String;
+type ChangeGenerator = fn(&dataplane_core::object::NsName, &FrontendSpec) -> String;
 
 /// kube-proxy's modes as loaded here.
 pub const BASELINES: [(&str, &[&str], Generator, ChangeGenerator); 3] = [

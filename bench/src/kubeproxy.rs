@@ -8,8 +8,8 @@
 //! and the filter-table rejects of Services without endpoints.
 use std::fmt::Write as _;
 
-use dataplane_agent::model::NsName;
-use dataplane_agent::translate::{BackendAddr, FrontendSpec, Proto};
+use dataplane_core::object::NsName;
+use dataplane_core::translate::{BackendAddr, FrontendSpec, Proto};
 
 /// The pod network: traffic from outside it to a ClusterIP is masqueraded (kube-proxy's
 /// `--cluster-cidr`).

@@ -12,8 +12,8 @@ use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
 use anyhow::{Context as _, bail};
 use aya::programs::{TestRun as _, TestRunOptions};
 use dataplane_agent::datapath::Datapath;
-use dataplane_agent::program::{Programmer, SyncProblem};
 use dataplane_common::prog_names;
+use dataplane_core::reconcile::{Reconciler, SyncProblem};
 
 use crate::cluster;
 
@@ -240,7 +240,7 @@ pub fn measure(n: usize, endpoints: usize, runs: usize) -> anyhow::Result<Scale>
     let mut dp = Datapath::load().context("loading the eBPF object (needs root)")?;
     let objects = cluster::objects(n, endpoints, &[]);
     let index = cluster::index(&objects);
-    let mut programmer = Programmer::default();
+    let mut programmer = Reconciler::default();
     for svc in index.services.keys() {
         let report = programmer.sync_service(&index, svc, &mut dp);
         let write_failed = report

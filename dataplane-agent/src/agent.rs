@@ -1,8 +1,9 @@
-//! The agent's pipeline: source batches -> index -> programmer -> maps; interfaces follow local pods;
-//! conntrack is swept; a status file reports what is programmed.
+//! The agent's edges around the pure [`Pipeline`]: batches go through it into the kernel maps;
+//! interfaces follow local pods; the clock advances; conntrack is swept; a status file reports
+//! what is programmed.
 //!
 //! ```text
-//!  manifests task --Batch--> pipeline: Index::apply/delete -> dirty services -> Programmer -> Datapath
+//!  source task --Batch--> Pipeline (index -> dirty targets -> reconciler) --Ops--> Datapath
 //!                                      dirty pods / every second -> attach/detach pod interfaces
 //!                                      every second -> status file (generation, fingerprint, counters)
 //! ```
@@ -12,21 +13,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use dataplane_common::{
-    CT_FLAG_CLOSING, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICE_ENTRIES, PROTO_TCP, SvcStats,
-    map_names,
-};
+use dataplane_common::{CT_FLAG_CLOSING, PROTO_TCP, SvcStats};
+use dataplane_core::index::Target;
+use dataplane_core::pipeline::{KernelReadings, Pipeline};
+use dataplane_core::source::Batch;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::datapath::Datapath;
 use crate::interfaces::{ifindex, local_pod_ips, parse_routes, pod_interfaces};
 use crate::manifests::ManifestSource;
-use crate::metrics::{Histogram, MapUsage, ServiceStatus, Status};
-use crate::model::{Dirty, Index};
-use crate::program::Programmer;
-use crate::source::{Batch, Event};
-use dataplane_core::status::by_label;
+use crate::metrics::Status;
 
 /// Conntrack lifetimes without traffic, by state (as Cilium's defaults).
 const CT_TCP_OPEN: Duration = Duration::from_secs(6 * 3600);
@@ -61,13 +58,8 @@ pub enum Source {
 /// The agent's state.
 pub struct Agent {
     node: String,
-    index: Index,
-    programmer: Programmer,
+    pipeline: Pipeline,
     datapath: Datapath,
-    generation: u64,
-    fingerprint: Option<u64>,
-    errors: BTreeMap<&'static str, u64>,
-    sync_latency: Histogram,
     conntrack_entries: u64,
     interfaces_synced: bool,
     drops: BTreeMap<&'static str, u64>,
@@ -79,13 +71,8 @@ impl Agent {
     pub fn new(node: String, datapath: Datapath) -> Self {
         Self {
             node,
-            index: Index::default(),
-            programmer: Programmer::default(),
+            pipeline: Pipeline::default(),
             datapath,
-            generation: 0,
-            fingerprint: None,
-            errors: BTreeMap::new(),
-            sync_latency: Histogram::default(),
             conntrack_entries: 0,
             interfaces_synced: false,
             drops: BTreeMap::new(),
@@ -93,42 +80,26 @@ impl Agent {
         }
     }
 
-    /// Applies one batch: index, then the services it dirtied, then interfaces if pods changed.
+    /// Applies one batch through the pipeline into the kernel maps, then re-scans interfaces if
+    /// pods changed.
     pub fn apply(&mut self, batch: Batch) {
-        for w in &batch.warnings {
-            warn!("{w}");
+        let applied = self.pipeline.apply(batch, &mut self.datapath);
+        for w in &applied.warnings {
+            let object = w.object().map(ToString::to_string);
+            warn!(object, label = w.metric_label(), "{w}");
         }
-        self.count_errors("malformed_object", batch.warnings.len());
-        let mut dirty = Dirty::default();
-        for event in batch.events {
-            dirty.merge(match event {
-                Event::Apply(obj) => self.index.apply(obj),
-                Event::Delete(key) => self.index.delete(&key),
-            });
+        for problem in &applied.problems {
+            let label = problem.metric_label();
+            warn!(service = %problem.service(), label, "{problem}");
         }
-        let mut ops = 0;
-        for svc in &dirty.services {
-            let report = self
-                .programmer
-                .sync_service(&self.index, svc, &mut self.datapath);
-            for problem in &report.problems {
-                let label = problem.metric_label();
-                warn!(service = %svc, label, "{problem}");
-                self.count_errors(label, 1);
-            }
-            ops += report.ops;
-        }
-        self.generation += 1;
-        if dirty.pods || self.generation == 1 {
+        if applied.dirty.contains(&Target::Pods) || self.pipeline.generation() == 1 {
             self.sync_interfaces();
         }
-        self.fingerprint = Some(batch.fingerprint);
-        self.sync_latency
-            .observe(batch.received.elapsed().as_secs_f64());
+        self.pipeline.observe_latency(applied.received);
         info!(
-            generation = self.generation,
-            services = dirty.services.len(),
-            map_writes = ops,
+            generation = self.pipeline.generation(),
+            services = applied.dirty.services().count(),
+            map_writes = applied.ops,
             "programmed"
         );
     }
@@ -137,7 +108,7 @@ impl Agent {
     /// attached before the first batch is programmed: a program swapped into a link pinned by an
     /// earlier agent must find complete maps.
     pub fn sync_interfaces(&mut self) {
-        if self.generation == 0 {
+        if self.pipeline.generation() == 0 {
             return;
         }
         let routes = match std::fs::read_to_string("/proc/net/route") {
@@ -147,7 +118,7 @@ impl Agent {
                 return;
             }
         };
-        let wanted = pod_interfaces(&routes, &local_pod_ips(&self.index, &self.node));
+        let wanted = pod_interfaces(&routes, &local_pod_ips(&self.pipeline.index, &self.node));
         let stale: Vec<String> = self
             .datapath
             .attached()
@@ -169,7 +140,7 @@ impl Agent {
                 Ok(false) => {}
                 Err(e) => {
                     warn!(%iface, "attach failed: {e:#}");
-                    self.count_errors("attach", 1);
+                    self.pipeline.count_error("attach", 1);
                 }
             }
         }
@@ -183,7 +154,7 @@ impl Agent {
     /// Advances the datapath's clock (conntrack timestamps).
     pub fn tick_clock(&mut self) {
         if let Err(e) = self.datapath.tick_clock() {
-            self.count_errors("clock", 1);
+            self.pipeline.count_error("clock", 1);
             warn!("{e:#}");
         }
     }
@@ -216,12 +187,6 @@ impl Agent {
         debug!(removed, "conntrack swept");
     }
 
-    fn count_errors(&mut self, label: &'static str, n: usize) {
-        if n > 0 {
-            *self.errors.entry(label).or_default() += n as u64;
-        }
-    }
-
     /// Reads the per-CPU traffic counters from the kernel (one map lookup per frontend); done once
     /// a second, not per batch, so programming a change never waits on thousands of lookups.
     pub fn refresh_counters(&mut self) {
@@ -232,10 +197,10 @@ impl Agent {
             .into_iter()
             .map(|(r, n)| (r.label(), n))
             .collect();
-        self.service_stats = self
-            .programmer
+        let reconciler = &self.pipeline.reconciler;
+        self.service_stats = reconciler
             .frontends()
-            .filter_map(|(_, spec)| self.programmer.rev_nat_id(&spec.frontend))
+            .filter_map(|(_, spec)| reconciler.rev_nat_id(&spec.frontend))
             .filter_map(|id| Some((id, self.datapath.service_stats(id).ok()?)))
             .collect();
     }
@@ -243,59 +208,15 @@ impl Agent {
     /// The current status, with the counters as last refreshed.
     #[must_use]
     pub fn status(&self) -> Status {
-        let (frontends, backends) = self.programmer.sizes();
-        let mut service_entries = 0;
-        let services = self
-            .programmer
-            .frontends()
-            .map(|(svc, spec)| {
-                service_entries += 1 + spec.backends.len() as u64;
-                let stats = self
-                    .programmer
-                    .rev_nat_id(&spec.frontend)
-                    .and_then(|id| self.service_stats.get(&id).copied())
-                    .unwrap_or_default();
-                ServiceStatus {
-                    service: svc.to_string(),
-                    frontend: spec.frontend.to_string(),
-                    backends: spec
-                        .backends
-                        .iter()
-                        .map(|b| format!("{}:{}", b.addr, b.port))
-                        .collect(),
-                    packets: stats.packets,
-                    bytes: stats.bytes,
-                }
-            })
-            .collect();
-        let usage = |entries: u64, capacity: u32| MapUsage {
-            entries,
-            capacity: u64::from(capacity),
-        };
-        Status {
-            node: self.node.clone(),
-            generation: self.generation,
-            fingerprint: self.fingerprint.map(|f| format!("{f:016x}")),
-            objects: by_label(self.index.counts()),
-            frontends,
-            backends,
-            maps: by_label([
-                (
-                    map_names::SERVICES,
-                    usage(service_entries, MAX_SERVICE_ENTRIES),
-                ),
-                (map_names::BACKENDS, usage(backends as u64, MAX_BACKENDS)),
-                (
-                    map_names::CONNTRACK,
-                    usage(self.conntrack_entries, MAX_CONNTRACK),
-                ),
-            ]),
-            interfaces: self.datapath.attached().map(str::to_owned).collect(),
-            errors: by_label(self.errors.clone()),
-            drops: by_label(self.drops.clone()),
-            sync_latency: self.sync_latency.clone(),
-            services,
-        }
+        self.pipeline.status(
+            &self.node,
+            KernelReadings {
+                interfaces: self.datapath.attached().map(str::to_owned).collect(),
+                drops: self.drops.clone(),
+                service_stats: Some(&self.service_stats),
+                conntrack_entries: self.conntrack_entries,
+            },
+        )
     }
 }
 

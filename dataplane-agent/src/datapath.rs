@@ -17,7 +17,8 @@ use dataplane_common::{
     Backend, CtKey, CtValue, DropReason, ServiceKey, ServiceValue, SvcStats, map_names, prog_names,
 };
 
-use crate::{diff::Op, program::MapWriter};
+use dataplane_core::maps::Op;
+use dataplane_core::reconcile::MapWriter;
 
 /// One program's link to one interface. A pinned link outlives the agent: the program keeps
 /// running while the agent restarts, and the next agent swaps its own program in atomically.

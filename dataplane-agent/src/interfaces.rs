@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use crate::model::Index;
+use dataplane_core::index::Index;
 
 /// Addresses of the pods scheduled on `node` that have their own network namespace.
 #[must_use]

@@ -12,17 +12,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use serde::Deserialize as _;
-
-use crate::model::{Kind, Object, ObjectKey};
-use crate::source::Event;
-use dataplane_core::manifest::is_manifest;
+use dataplane_core::manifest::{is_manifest, parse_documents};
+use dataplane_core::object::{Object, ObjectKey};
+use dataplane_core::source::{Event, SourceWarning};
 
 /// The result of a scan that found changes.
 #[derive(Debug, Default)]
 pub struct Scan {
     pub events: Vec<Event>,
-    pub warnings: Vec<String>,
+    pub warnings: Vec<SourceWarning>,
     /// Fingerprint of every manifest file now in the directory (see
     /// [`dataplane_core::manifest::manifest_fingerprint`]).
     pub fingerprint: u64,
@@ -47,12 +45,6 @@ pub struct ManifestSource {
     /// Which file an object comes from; a second file defining the same object is ignored for it.
     owners: HashMap<ObjectKey, String>,
     scanned_once: bool,
-}
-
-/// A document that could not be turned into an object.
-struct BadDocument {
-    key: Option<ObjectKey>,
-    warning: String,
 }
 
 impl ManifestSource {
@@ -119,8 +111,10 @@ impl ManifestSource {
             let content = match std::fs::read(&stamp.2) {
                 Ok(c) => c,
                 Err(e) => {
-                    scan.warnings
-                        .push(format!("{name}: cannot be read, keeping its objects: {e}"));
+                    scan.warnings.push(SourceWarning::Unreadable {
+                        file: name.clone(),
+                        error: e.to_string(),
+                    });
                     continue;
                 }
             };
@@ -139,20 +133,20 @@ impl ManifestSource {
                 .unwrap_or_default();
             let mut digests = BTreeMap::new();
             let mut parsed = BTreeMap::new();
-            for doc in parse_documents(&content) {
+            for doc in parse_documents(&name, &content) {
                 match doc {
                     Ok((obj, digest)) => {
                         let key = obj.key();
                         digests.insert(key.clone(), digest);
                         parsed.insert(key, obj);
                     }
-                    Err(bad) => {
-                        scan.warnings.push(format!("{name}: {}", bad.warning));
-                        if let Some(key) = bad.key
-                            && let Some(previous) = old.get(&key)
+                    Err(warning) => {
+                        if let Some(key) = warning.object()
+                            && let Some(previous) = old.get(key)
                         {
-                            digests.insert(key, *previous);
+                            digests.insert(key.clone(), *previous);
                         }
+                        scan.warnings.push(warning);
                     }
                 }
             }
@@ -195,9 +189,11 @@ impl ManifestSource {
         for (key, digest) in new {
             match self.owners.get(key) {
                 Some(owner) if owner != file => {
-                    scan.warnings.push(format!(
-                        "{file}: {key} is already defined in {owner}, ignored here"
-                    ));
+                    scan.warnings.push(SourceWarning::Duplicate {
+                        file: file.to_owned(),
+                        key: key.clone(),
+                        owner: owner.clone(),
+                    });
                 }
                 _ => {
                     self.owners.insert(key.clone(), file.to_owned());
@@ -210,72 +206,6 @@ impl ManifestSource {
             }
         }
     }
-}
-
-/// Parses every document of a file, each with the digest of its JSON form. Kinds the agent does not
-/// watch are left out silently.
-fn parse_documents(content: &[u8]) -> Vec<Result<(Object, u64), BadDocument>> {
-    let mut out = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_slice(content).enumerate() {
-        let value = match serde_yaml::Value::deserialize(doc) {
-            Ok(serde_yaml::Value::Null) => continue,
-            Ok(v) => v,
-            Err(e) => {
-                out.push(Err(BadDocument {
-                    key: None,
-                    warning: format!("document {} is not valid YAML, skipped: {e}", i + 1),
-                }));
-                // The YAML stream cannot be resumed after a syntax error.
-                break;
-            }
-        };
-        if let Some(result) = to_object(i, value) {
-            out.push(result);
-        }
-    }
-    out
-}
-
-fn to_object(index: usize, value: serde_yaml::Value) -> Option<Result<(Object, u64), BadDocument>> {
-    let field = |path: &[&str]| -> Option<String> {
-        let mut v = &value;
-        for p in path {
-            v = v.get(*p)?;
-        }
-        v.as_str().map(str::to_owned)
-    };
-    let api_version = field(&["apiVersion"]).unwrap_or_default();
-    let kind_name = field(&["kind"]).unwrap_or_default();
-    let kind = Kind::from_type(&api_version, &kind_name)?;
-    let Some(name) = field(&["metadata", "name"]) else {
-        return Some(Err(BadDocument {
-            key: None,
-            warning: format!(
-                "document {} ({kind_name}) has no metadata.name, skipped",
-                index + 1
-            ),
-        }));
-    };
-    let namespace = if kind.is_namespaced() {
-        field(&["metadata", "namespace"]).unwrap_or_else(|| "default".to_owned())
-    } else {
-        String::new()
-    };
-    let key = ObjectKey {
-        kind,
-        namespace,
-        name,
-    };
-    let parsed = serde_json::to_value(&value)
-        .and_then(|v| Object::parse(kind, v))
-        .map(|o| {
-            let digest = o.content_digest();
-            (o, digest)
-        });
-    Some(parsed.map_err(|e| BadDocument {
-        warning: format!("{key} is malformed, skipped (previous version kept): {e}"),
-        key: Some(key),
-    }))
 }
 
 #[cfg(test)]
@@ -365,7 +295,10 @@ mod tests {
             keys(&scan)
         );
         assert_eq!(scan.warnings.len(), 1);
-        assert!(scan.warnings[0].contains("a.yaml") && scan.warnings[0].contains("Service ns/web"));
+        assert!(
+            scan.warnings[0].to_string().contains("a.yaml")
+                && scan.warnings[0].to_string().contains("Service ns/web")
+        );
         // Fixed again: the fix applies.
         write(
             dir.path(),
@@ -394,11 +327,13 @@ mod tests {
         assert!(
             scan.warnings
                 .iter()
+                .map(ToString::to_string)
                 .any(|w| w.starts_with("bad.yaml") && w.contains("not valid YAML"))
         );
         assert!(
             scan.warnings
                 .iter()
+                .map(ToString::to_string)
                 .any(|w| w.starts_with("nameless.yaml") && w.contains("metadata.name"))
         );
     }
@@ -414,6 +349,7 @@ mod tests {
         assert!(
             scan.warnings
                 .iter()
+                .map(ToString::to_string)
                 .any(|w| w.contains("b.yaml") && w.contains("already defined in a.yaml"))
         );
     }

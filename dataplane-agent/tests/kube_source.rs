@@ -1,17 +1,17 @@
 //! The Kubernetes source against the API's wire format: a real kube-rs client talks HTTP to a
 //! loopback server that replays recorded list and watch responses (initial list, added / modified
 //! / deleted events, a bookmark, a dropped watch, 410 Gone and the relist that follows). The
-//! batches it produces go through the index and programmer into in-memory maps, and both are
-//! checked: a relist removes exactly what vanished and leaves the rest untouched.
+//! batches it produces go through the agent's pipeline (index, reconciler) into in-memory maps,
+//! and both are checked: a relist removes exactly what vanished and leaves the rest untouched.
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dataplane_agent::diff::MapState;
 use dataplane_agent::kube_source;
-use dataplane_agent::model::{Index, NsName};
-use dataplane_agent::program::Programmer;
-use dataplane_agent::source::Batch;
-use dataplane_agent::source::Event;
+use dataplane_core::index::Index;
+use dataplane_core::maps::MapState;
+use dataplane_core::object::NsName;
+use dataplane_core::pipeline::Pipeline;
+use dataplane_core::source::{Batch, Event};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -177,33 +177,26 @@ struct Outcome {
 }
 
 async fn collect(rx: &mut tokio::sync::mpsc::Receiver<Batch>, until: &str) -> Outcome {
-    let mut out = Outcome {
-        index: Index::default(),
-        maps: MapState::default(),
-        batches: Vec::new(),
-        fingerprint: 0,
-    };
-    let mut programmer = Programmer::default();
+    let mut pipeline = Pipeline::default();
+    let mut maps = MapState::default();
+    let mut batches = Vec::new();
+    let mut fingerprint = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !out.batches.iter().flatten().any(|e| e == until) {
+    while !batches.iter().flatten().any(|e: &String| e == until) {
         let batch = tokio::time::timeout_at(deadline, rx.recv())
             .await
             .expect("the source converges within 30 s")
             .expect("source running");
-        out.batches.push(describe(&batch.events));
-        out.fingerprint = batch.fingerprint;
-        let mut dirty = dataplane_agent::model::Dirty::default();
-        for e in batch.events {
-            dirty.merge(match e {
-                Event::Apply(o) => out.index.apply(o),
-                Event::Delete(k) => out.index.delete(&k),
-            });
-        }
-        for svc in &dirty.services {
-            programmer.sync_service(&out.index, svc, &mut out.maps);
-        }
+        batches.push(describe(&batch.events));
+        fingerprint = batch.fingerprint;
+        pipeline.apply(batch, &mut maps);
     }
-    out
+    Outcome {
+        index: pipeline.index,
+        maps,
+        batches,
+        fingerprint,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,12 +270,12 @@ async fn list_watch_bookmark_gone_relist_and_dropped_watch() {
     let expect = [("a", "12"), ("c", "15"), ("d", "16")]
         .iter()
         .fold(0, |acc, (n, rv)| {
-            let key = dataplane_agent::model::ObjectKey {
-                kind: dataplane_agent::model::Kind::Service,
+            let key = dataplane_core::object::ObjectKey {
+                kind: dataplane_core::object::Kind::Service,
                 namespace: "ns".into(),
                 name: (*n).into(),
             };
-            acc ^ kube_source::object_digest(&key, rv)
+            acc ^ dataplane_core::relist::object_digest(&key, rv)
         });
     assert_eq!(
         out.fingerprint, expect,

@@ -7,15 +7,11 @@ use std::net::Ipv4Addr;
 
 use aya::{TestRun as _, TestRunOptions};
 use common::{ACK, FIN, Parsed, Pkt, RST, SYN, TCP, UDP, parse_checked};
-use dataplane_agent::{
-    datapath::Datapath,
-    diff::Op,
-    program::{MapWriter as _, service_key},
-    translate::{Frontend, Proto},
-};
-use dataplane_common::{
-    BACKEND_ACTIVE, Backend, CT_DIR_REPLY, CT_DIR_SERVICE, DropReason, ServiceValue, prog_names,
-};
+use dataplane_agent::datapath::Datapath;
+use dataplane_common::{CT_DIR_REPLY, CT_DIR_SERVICE, DropReason, prog_names};
+use dataplane_core::maps::{MapState, backend_value, diff, service_entries};
+use dataplane_core::reconcile::MapWriter as _;
+use dataplane_core::translate::{BackendAddr, Frontend, Proto};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -34,47 +30,30 @@ fn load() -> Datapath {
     Datapath::load().expect("load eBPF object")
 }
 
-/// Programs one frontend with the given backends (ids 1..) under reverse-NAT id 7.
+/// Programs one frontend with the given backends (ids 1..) under reverse-NAT id 7, laid out by
+/// the core's own [`service_entries`] and written in the core's diff order.
 fn add_service(dp: &mut Datapath, vip: &str, port: u16, proto: Proto, backends: &[(&str, u16)]) {
     let fe = Frontend {
         addr: vip.parse().unwrap(),
         port,
         proto,
     };
+    let mut state = MapState::default();
+    let mut ids = Vec::new();
     for (i, (addr, bport)) in backends.iter().enumerate() {
         let id = u32::from(port) * 100 + i as u32;
-        let addr: Ipv4Addr = addr.parse().unwrap();
-        dp.write(&Op::UpsertBackend(
-            id,
-            Backend {
-                addr: u32::from_ne_bytes(addr.octets()),
-                port: bport.to_be(),
-                proto: proto.number(),
-                state: BACKEND_ACTIVE,
-            },
-        ))
-        .unwrap();
-        dp.write(&Op::UpsertService(
-            service_key(fe, i as u16 + 1),
-            ServiceValue {
-                backend_id: id,
-                count: 0,
-                rev_nat_id: 7,
-                flags: 0,
-            },
-        ))
-        .unwrap();
+        let b = BackendAddr {
+            addr: addr.parse().unwrap(),
+            port: *bport,
+            proto,
+        };
+        state.backends.insert(id, backend_value(b));
+        ids.push(id);
     }
-    dp.write(&Op::UpsertService(
-        service_key(fe, 0),
-        ServiceValue {
-            backend_id: 0,
-            count: backends.len() as u16,
-            rev_nat_id: 7,
-            flags: 0,
-        },
-    ))
-    .unwrap();
+    service_entries(fe, 7, &ids, &mut state);
+    for op in diff(&MapState::default(), &state) {
+        dp.write(&op).unwrap();
+    }
 }
 
 /// Runs one program on one frame; returns the verdict and the output frame.

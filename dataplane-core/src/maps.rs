@@ -1,7 +1,8 @@
-//! Pure diff between two sets of map entries, as the ordered writes that turn one into the other.
+//! The translation maps as user space models them: the writes ([`Op`]), their contents
+//! ([`MapState`]), each Service's entries, and the ordered diff between two contents.
 //!
-//! Order matters because packets read the maps while they change. A service is only reachable
-//! through its header (slot 0), so:
+//! A Service is only reachable through its header (slot 0), so the tables are layered (see
+//! [`crate::table::Plan`]):
 //!
 //! ```text
 //!  1 upsert backends   2 upsert slots 1..n   3 upsert headers     (a header never points past
@@ -9,7 +10,10 @@
 //! ```
 use std::collections::BTreeMap;
 
-use dataplane_common::{Backend, ServiceKey, ServiceValue};
+use dataplane_common::{BACKEND_ACTIVE, Backend, SCOPE_CLUSTER, ServiceKey, ServiceValue};
+
+use crate::table::Plan;
+use crate::translate::{BackendAddr, Frontend};
 
 /// One map write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,50 +56,84 @@ impl MapState {
 /// The writes that turn `old` into `new`, ordered so no packet sees a half-written service.
 #[must_use]
 pub fn diff(old: &MapState, new: &MapState) -> Vec<Op> {
-    let mut backend_upserts = Vec::new();
-    let mut slot_upserts = Vec::new();
-    let mut header_upserts = Vec::new();
-    let mut header_deletes = Vec::new();
-    let mut slot_deletes = Vec::new();
-    let mut backend_deletes = Vec::new();
+    let mut plan = Plan::default();
+    plan.layer(
+        &old.backends,
+        &new.backends,
+        |_| true,
+        Op::UpsertBackend,
+        Op::DeleteBackend,
+    )
+    .layer(
+        &old.services,
+        &new.services,
+        |k| k.slot != 0,
+        Op::UpsertService,
+        Op::DeleteService,
+    )
+    .layer(
+        &old.services,
+        &new.services,
+        |k| k.slot == 0,
+        Op::UpsertService,
+        Op::DeleteService,
+    );
+    plan.into_ops()
+}
 
-    for (id, b) in &new.backends {
-        if old.backends.get(id) != Some(b) {
-            backend_upserts.push(Op::UpsertBackend(*id, *b));
-        }
+/// The map key of a frontend's slot.
+#[must_use]
+pub fn service_key(frontend: Frontend, slot: u16) -> ServiceKey {
+    ServiceKey {
+        addr: u32::from_ne_bytes(frontend.addr.octets()),
+        port: frontend.port.to_be(),
+        proto: frontend.proto.number(),
+        scope: SCOPE_CLUSTER,
+        slot,
+        pad: 0,
     }
-    for (k, v) in &new.services {
-        if old.services.get(k) != Some(v) {
-            let op = Op::UpsertService(*k, *v);
-            if k.slot == 0 {
-                header_upserts.push(op);
-            } else {
-                slot_upserts.push(op);
-            }
-        }
+}
+
+/// The backend map value of a backend address.
+#[must_use]
+pub fn backend_value(b: BackendAddr) -> Backend {
+    Backend {
+        addr: u32::from_ne_bytes(b.addr.octets()),
+        port: b.port.to_be(),
+        proto: b.proto.number(),
+        state: BACKEND_ACTIVE,
     }
-    for k in old.services.keys() {
-        if !new.services.contains_key(k) {
-            let op = Op::DeleteService(*k);
-            if k.slot == 0 {
-                header_deletes.push(op);
-            } else {
-                slot_deletes.push(op);
-            }
-        }
+}
+
+/// A frontend's entries: its header (slot 0: backend count and reverse-NAT id), then one slot per
+/// backend id, in order.
+pub fn service_entries(
+    frontend: Frontend,
+    rev_nat_id: u16,
+    backend_ids: &[u32],
+    state: &mut MapState,
+) {
+    let count = u16::try_from(backend_ids.len()).unwrap_or(u16::MAX);
+    state.services.insert(
+        service_key(frontend, 0),
+        ServiceValue {
+            backend_id: 0,
+            count,
+            rev_nat_id,
+            flags: 0,
+        },
+    );
+    for (slot, id) in (1..=count).zip(backend_ids) {
+        state.services.insert(
+            service_key(frontend, slot),
+            ServiceValue {
+                backend_id: *id,
+                count: 0,
+                rev_nat_id,
+                flags: 0,
+            },
+        );
     }
-    for id in old.backends.keys() {
-        if !new.backends.contains_key(id) {
-            backend_deletes.push(Op::DeleteBackend(*id));
-        }
-    }
-    let mut ops = backend_upserts;
-    ops.extend(slot_upserts);
-    ops.extend(header_upserts);
-    ops.extend(header_deletes);
-    ops.extend(slot_deletes);
-    ops.extend(backend_deletes);
-    ops
 }
 
 #[cfg(test)]
@@ -106,8 +144,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::program::service_key;
-    use crate::translate::{Frontend, Proto};
+    use crate::translate::Proto;
 
     /// A consistent state: every header's slots and their backends exist.
     fn state(services: &BTreeMap<u8, Vec<u32>>, backends: &BTreeMap<u32, u16>) -> MapState {
@@ -134,26 +171,7 @@ mod tests {
                 .filter(|i| backends.contains_key(i))
                 .copied()
                 .collect();
-            s.services.insert(
-                service_key(fe, 0),
-                ServiceValue {
-                    backend_id: 0,
-                    count: ids.len() as u16,
-                    rev_nat_id: u16::from(*svc),
-                    flags: 0,
-                },
-            );
-            for (slot, id) in ids.iter().enumerate() {
-                s.services.insert(
-                    service_key(fe, slot as u16 + 1),
-                    ServiceValue {
-                        backend_id: *id,
-                        count: 0,
-                        rev_nat_id: u16::from(*svc),
-                        flags: 0,
-                    },
-                );
-            }
+            service_entries(fe, u16::from(*svc), &ids, &mut s);
         }
         s
     }

@@ -1,5 +1,5 @@
-//! Incremental programming: for each dirty service, translate, diff against what that service has
-//! in the maps, and write only the difference.
+//! The reconciler: for each dirty target, re-derive its entries from the index, diff them against
+//! what that target has in the maps, and write only the difference.
 //!
 //! ```text
 //!  dirty service --translate--> FrontendSpecs --ids--> new entries --+
@@ -11,12 +11,12 @@
 //! endpoint change rewrites one slot, not the service.
 use std::collections::{BTreeMap, HashMap};
 
-use dataplane_common::{
-    BACKEND_ACTIVE, Backend, MAX_BACKENDS, MAX_REV_NAT_IDS, SCOPE_CLUSTER, ServiceKey, ServiceValue,
-};
+use dataplane_common::{MAX_BACKENDS, MAX_REV_NAT_IDS};
 
-use crate::diff::{MapState, Op, diff};
-use crate::model::{Index, NsName};
+use crate::index::{Dirty, Index, Target};
+use crate::maps::{MapState, Op, backend_value, diff, service_entries};
+use crate::object::NsName;
+use crate::table::IdPool;
 use crate::translate::{BackendAddr, Frontend, FrontendSpec, TranslateError, translate_service};
 
 /// Where map writes go: the kernel maps, or a [`MapState`] in tests.
@@ -40,6 +40,13 @@ impl MapWriter for MapState {
 pub struct SyncReport {
     pub ops: usize,
     pub problems: Vec<SyncProblem>,
+}
+
+impl SyncReport {
+    fn merge(&mut self, other: SyncReport) {
+        self.ops += other.ops;
+        self.problems.extend(other.problems);
+    }
 }
 
 /// Why a Service was not, or not wholly, programmed. Each names the Service; the agent logs it
@@ -72,6 +79,19 @@ pub enum SyncProblem {
 }
 
 impl SyncProblem {
+    /// The Service it is about.
+    #[must_use]
+    pub fn service(&self) -> &NsName {
+        match self {
+            SyncProblem::Translation { service, .. }
+            | SyncProblem::Skipped { service, .. }
+            | SyncProblem::FrontendTaken { service, .. }
+            | SyncProblem::NoRevNatId { service, .. }
+            | SyncProblem::BackendTableFull { service }
+            | SyncProblem::MapWrite { service, .. } => service,
+        }
+    }
+
     #[must_use]
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -85,39 +105,9 @@ impl SyncProblem {
     }
 }
 
-#[derive(Clone, Debug)]
-struct IdPool {
-    next: u32,
-    max: u32,
-    free: Vec<u32>,
-}
-
-impl IdPool {
-    fn new(max: u32) -> Self {
-        Self {
-            next: 1,
-            max,
-            free: Vec::new(),
-        }
-    }
-
-    fn take(&mut self) -> Option<u32> {
-        self.free.pop().or_else(|| {
-            (self.next < self.max).then(|| {
-                self.next += 1;
-                self.next - 1
-            })
-        })
-    }
-
-    fn give(&mut self, id: u32) {
-        self.free.push(id);
-    }
-}
-
 /// Keeps the translation maps equal to what the index says, one service at a time.
 #[derive(Clone, Debug)]
-pub struct Programmer {
+pub struct Reconciler {
     programmed: BTreeMap<NsName, Vec<FrontendSpec>>,
     /// Which service owns each frontend; a second service claiming it is refused.
     owners: HashMap<Frontend, NsName>,
@@ -127,7 +117,7 @@ pub struct Programmer {
     backend_pool: IdPool,
 }
 
-impl Default for Programmer {
+impl Default for Reconciler {
     fn default() -> Self {
         Self {
             programmed: BTreeMap::new(),
@@ -140,7 +130,7 @@ impl Default for Programmer {
     }
 }
 
-impl Programmer {
+impl Reconciler {
     /// Number of frontends and backends currently programmed.
     #[must_use]
     pub fn sizes(&self) -> (usize, usize) {
@@ -158,6 +148,19 @@ impl Programmer {
         self.programmed
             .iter()
             .flat_map(|(svc, specs)| specs.iter().map(move |s| (svc, s)))
+    }
+
+    /// Re-derives every dirty target that lives in the maps and writes the difference. Pods are
+    /// the edges' business (which interfaces carry the datapath), not the maps'.
+    pub fn sync(&mut self, index: &Index, dirty: &Dirty, writer: &mut dyn MapWriter) -> SyncReport {
+        let mut report = SyncReport::default();
+        for target in dirty.iter() {
+            match target {
+                Target::Service(svc) => report.merge(self.sync_service(index, svc, writer)),
+                Target::Pods => {}
+            }
+        }
+        report
     }
 
     /// Re-translates one service from the index and writes the difference.
@@ -214,7 +217,7 @@ impl Programmer {
                     }),
                 }
             }
-            entries(spec.frontend, rev_nat_id, &ids, &mut new_state);
+            service_entries(spec.frontend, rev_nat_id, &ids, &mut new_state);
         }
         for spec in &old {
             let Some(&rev_nat_id) = self.rev_nat_ids.get(&spec.frontend) else {
@@ -225,7 +228,7 @@ impl Programmer {
                 .iter()
                 .filter_map(|b| self.release_backend(*b, &mut old_state))
                 .collect();
-            entries(spec.frontend, rev_nat_id, &ids, &mut old_state);
+            service_entries(spec.frontend, rev_nat_id, &ids, &mut old_state);
         }
         for spec in &old {
             if !desired.iter().any(|d| d.frontend == spec.frontend) {
@@ -314,53 +317,6 @@ impl Programmer {
     }
 }
 
-fn backend_value(b: BackendAddr) -> Backend {
-    Backend {
-        addr: u32::from_ne_bytes(b.addr.octets()),
-        port: b.port.to_be(),
-        proto: b.proto.number(),
-        state: BACKEND_ACTIVE,
-    }
-}
-
-/// The map key of a frontend's slot.
-#[must_use]
-pub fn service_key(frontend: Frontend, slot: u16) -> ServiceKey {
-    ServiceKey {
-        addr: u32::from_ne_bytes(frontend.addr.octets()),
-        port: frontend.port.to_be(),
-        proto: frontend.proto.number(),
-        scope: SCOPE_CLUSTER,
-        slot,
-        pad: 0,
-    }
-}
-
-/// Header plus one slot per backend id.
-fn entries(frontend: Frontend, rev_nat_id: u16, backend_ids: &[u32], state: &mut MapState) {
-    let count = u16::try_from(backend_ids.len()).unwrap_or(u16::MAX);
-    state.services.insert(
-        service_key(frontend, 0),
-        ServiceValue {
-            backend_id: 0,
-            count,
-            rev_nat_id,
-            flags: 0,
-        },
-    );
-    for (slot, id) in (1..=count).zip(backend_ids) {
-        state.services.insert(
-            service_key(frontend, slot),
-            ServiceValue {
-                backend_id: *id,
-                count: 0,
-                rev_nat_id,
-                flags: 0,
-            },
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
@@ -369,8 +325,9 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::model::{Object, ObjectKey};
-    use crate::testutil::{ready, service, slice};
+    use crate::fixtures::{ready, service, slice};
+    use crate::object::{Object, ObjectKey};
+    use dataplane_common::ServiceKey;
 
     fn ns(name: &str) -> NsName {
         NsName {
@@ -395,7 +352,7 @@ mod tests {
         out
     }
 
-    fn sync_all(p: &mut Programmer, index: &Index, maps: &mut MapState) {
+    fn sync_all(p: &mut Reconciler, index: &Index, maps: &mut MapState) {
         let names: Vec<NsName> = index.services.keys().cloned().collect();
         for n in names {
             p.sync_service(index, &n, maps);
@@ -418,7 +375,7 @@ mod tests {
             &[("", 8080, "TCP")],
             &[ready("10.0.0.1"), ready("10.0.0.2")],
         )));
-        let mut p = Programmer::default();
+        let mut p = Reconciler::default();
         let mut maps = MapState::default();
         let first = p.sync_service(&index, &ns("web"), &mut maps);
         assert_eq!(first.ops, 2 + 3, "two backends, header and two slots");
@@ -451,11 +408,11 @@ mod tests {
             &[("", 8080, "TCP")],
             &[ready("10.0.0.1")],
         )));
-        let mut p = Programmer::default();
+        let mut p = Reconciler::default();
         let mut maps = MapState::default();
         p.sync_service(&index, &ns("web"), &mut maps);
         index.delete(&ObjectKey {
-            kind: crate::model::Kind::Service,
+            kind: crate::object::Kind::Service,
             namespace: "ns".into(),
             name: "web".into(),
         });
@@ -473,7 +430,7 @@ mod tests {
             "10.96.0.10",
             &[("", 80, "TCP", json!(8080))],
         )));
-        let mut p = Programmer::default();
+        let mut p = Reconciler::default();
         let mut maps = MapState::default();
         p.sync_service(&index, &ns("web"), &mut maps);
         let before = maps.clone();
@@ -509,7 +466,7 @@ mod tests {
             "10.96.0.10",
             &[("", 80, "TCP", json!(2))],
         )));
-        let mut p = Programmer::default();
+        let mut p = Reconciler::default();
         let mut maps = MapState::default();
         p.sync_service(&index, &ns("a"), &mut maps);
         let report = p.sync_service(&index, &ns("b"), &mut maps);
@@ -531,7 +488,7 @@ mod tests {
         #[test]
         fn incremental_equals_full(steps in prop::collection::vec((0usize..3, prop::collection::vec(any::<bool>(), 5), any::<bool>()), 1..12)) {
             let mut index = Index::default();
-            let mut p = Programmer::default();
+            let mut p = Reconciler::default();
             let mut maps = MapState::default();
             for (svc, members, present) in steps {
                 let name = format!("s{svc}");
@@ -543,16 +500,14 @@ mod tests {
                     d.merge(index.apply(Object::from(slice("ns", &name, &name, &[("", 8080, "TCP")], &eps))));
                     d
                 } else {
-                    let mut d = index.delete(&key(crate::model::Kind::Service));
-                    d.merge(index.delete(&key(crate::model::Kind::EndpointSlice)));
+                    let mut d = index.delete(&key(crate::object::Kind::Service));
+                    d.merge(index.delete(&key(crate::object::Kind::EndpointSlice)));
                     d
                 };
-                for s in &dirty.services {
-                    p.sync_service(&index, s, &mut maps);
-                }
+                p.sync(&index, &dirty, &mut maps);
             }
             let mut fresh_maps = MapState::default();
-            sync_all(&mut Programmer::default(), &index, &mut fresh_maps);
+            sync_all(&mut Reconciler::default(), &index, &mut fresh_maps);
             prop_assert_eq!(resolve(&maps), resolve(&fresh_maps));
             let used: BTreeSet<u32> = maps.services.iter().filter(|(k, _)| k.slot > 0).map(|(_, v)| v.backend_id).collect();
             prop_assert_eq!(used, maps.backends.keys().copied().collect::<BTreeSet<u32>>());

@@ -261,7 +261,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::testutil::{ready, service, slice};
+    use crate::fixtures::{ready, service, slice};
 
     fn backends(t: &Translation, port: u16, proto: Proto) -> Vec<String> {
         t.frontends

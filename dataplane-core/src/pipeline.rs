@@ -1,0 +1,154 @@
+//! The agent's pure half: source batches into the index, the dirty targets through the reconciler
+//! into a [`MapWriter`] (the kernel maps in the agent, a [`crate::maps::MapState`] in tests), and
+//! the status it reports. The edges (kernel maps, interfaces, clock, logs) stay in the agent.
+//!
+//! ```text
+//!  Batch --events--> Index --Dirty--> Reconciler --Ops--> MapWriter
+//!        --warnings, problems----------------------------> Applied (the agent logs and counts)
+//! ```
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use dataplane_common::{MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICE_ENTRIES, SvcStats, map_names};
+
+use crate::index::{Dirty, Index};
+use crate::reconcile::{MapWriter, Reconciler, SyncProblem};
+use crate::source::{Batch, Event, SourceWarning};
+use crate::status::{Histogram, MapUsage, ServiceStatus, Status, by_label};
+
+/// What applying one batch did.
+#[derive(Debug)]
+pub struct Applied {
+    pub dirty: Dirty,
+    /// Map writes made.
+    pub ops: usize,
+    pub warnings: Vec<SourceWarning>,
+    pub problems: Vec<SyncProblem>,
+    /// When the source saw the change: the start of the sync-latency measurement.
+    pub received: Instant,
+}
+
+/// What only the kernel knows, read by the agent for a status report.
+#[derive(Debug, Default)]
+pub struct KernelReadings<'a> {
+    pub interfaces: Vec<String>,
+    pub drops: BTreeMap<&'static str, u64>,
+    pub service_stats: Option<&'a HashMap<u16, SvcStats>>,
+    pub conntrack_entries: u64,
+}
+
+/// The index, the reconciler, and the counters a status reports.
+#[derive(Debug, Default)]
+pub struct Pipeline {
+    pub index: Index,
+    pub reconciler: Reconciler,
+    generation: u64,
+    fingerprint: Option<u64>,
+    errors: BTreeMap<&'static str, u64>,
+    sync_latency: Histogram,
+}
+
+impl Pipeline {
+    /// Applies one batch: index, then every target it dirtied. Warnings and problems are counted
+    /// by their metric label and returned for the caller to log.
+    pub fn apply(&mut self, batch: Batch, writer: &mut dyn MapWriter) -> Applied {
+        for w in &batch.warnings {
+            self.count_error(w.metric_label(), 1);
+        }
+        let mut dirty = Dirty::default();
+        for event in batch.events {
+            dirty.merge(match event {
+                Event::Apply(obj) => self.index.apply(obj),
+                Event::Delete(key) => self.index.delete(&key),
+            });
+        }
+        let report = self.reconciler.sync(&self.index, &dirty, writer);
+        for problem in &report.problems {
+            self.count_error(problem.metric_label(), 1);
+        }
+        self.generation += 1;
+        self.fingerprint = Some(batch.fingerprint);
+        Applied {
+            dirty,
+            ops: report.ops,
+            warnings: batch.warnings,
+            problems: report.problems,
+            received: batch.received,
+        }
+    }
+
+    /// Records how long a batch took from the source seeing it to the node being programmed.
+    pub fn observe_latency(&mut self, received: Instant) {
+        self.sync_latency.observe(received.elapsed().as_secs_f64());
+    }
+
+    /// Batches programmed so far.
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn count_error(&mut self, label: &'static str, n: usize) {
+        if n > 0 {
+            *self.errors.entry(label).or_default() += n as u64;
+        }
+    }
+
+    /// The status of `node`, with what the kernel reported.
+    #[must_use]
+    pub fn status(&self, node: &str, kernel: KernelReadings<'_>) -> Status {
+        let (frontends, backends) = self.reconciler.sizes();
+        let mut service_entries = 0;
+        let services = self
+            .reconciler
+            .frontends()
+            .map(|(svc, spec)| {
+                service_entries += 1 + spec.backends.len() as u64;
+                let stats = self
+                    .reconciler
+                    .rev_nat_id(&spec.frontend)
+                    .and_then(|id| kernel.service_stats?.get(&id).copied())
+                    .unwrap_or_default();
+                ServiceStatus {
+                    service: svc.to_string(),
+                    frontend: spec.frontend.to_string(),
+                    backends: spec
+                        .backends
+                        .iter()
+                        .map(|b| format!("{}:{}", b.addr, b.port))
+                        .collect(),
+                    packets: stats.packets,
+                    bytes: stats.bytes,
+                }
+            })
+            .collect();
+        let usage = |entries: u64, capacity: u32| MapUsage {
+            entries,
+            capacity: u64::from(capacity),
+        };
+        Status {
+            node: node.to_owned(),
+            generation: self.generation,
+            fingerprint: self.fingerprint.map(|f| format!("{f:016x}")),
+            objects: by_label(self.index.counts()),
+            frontends,
+            backends,
+            maps: by_label([
+                (
+                    map_names::SERVICES,
+                    usage(service_entries, MAX_SERVICE_ENTRIES),
+                ),
+                (map_names::BACKENDS, usage(backends as u64, MAX_BACKENDS)),
+                (
+                    map_names::CONNTRACK,
+                    usage(kernel.conntrack_entries, MAX_CONNTRACK),
+                ),
+            ]),
+            interfaces: kernel.interfaces,
+            errors: by_label(self.errors.clone()),
+            drops: by_label(kernel.drops),
+            sync_latency: self.sync_latency.clone(),
+            services,
+        }
+    }
+}
