@@ -4,6 +4,7 @@
 //! sit in the middle of the list, so rule chains walked in order are walked half way.
 use std::net::Ipv4Addr;
 
+use dataplane_core::fixtures;
 use dataplane_core::index::Index;
 use dataplane_core::object::{NsName, Object};
 use dataplane_core::translate::{FrontendSpec, translate_service};
@@ -28,29 +29,31 @@ pub struct Real {
 }
 
 fn service(name: &str, vip: Ipv4Addr, port: u16, target: u16) -> serde_json::Value {
-    json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"namespace": NAMESPACE, "name": name},
-        "spec": {"type": "ClusterIP", "clusterIP": vip.to_string(), "clusterIPs": [vip.to_string()],
-                 "ports": [{"name": "p", "port": port, "protocol": "TCP", "targetPort": target}]}
-    })
+    let vip = vip.to_string();
+    let ports = [("p", i32::from(port), "TCP", json!(target))];
+    to_json(&fixtures::service(NAMESPACE, name, &vip, &ports))
 }
 
 /// The EndpointSlice of `svc`: every address ready, on port `target`.
 #[must_use]
 pub fn slice(svc: &str, target: u16, addrs: &[Ipv4Addr]) -> serde_json::Value {
-    let endpoints: Vec<_> = addrs
+    let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    let endpoints: Vec<fixtures::Endpoint<'_>> = addrs
         .iter()
-        .map(|a| json!({"addresses": [a.to_string()], "conditions": {"ready": true}}))
+        .map(|a| (a.as_str(), Some(true), None, None))
         .collect();
-    json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"namespace": NAMESPACE, "name": format!("{svc}-1"),
-                     "labels": {"kubernetes.io/service-name": svc}},
-        "addressType": "IPv4",
-        "ports": [{"name": "p", "port": target, "protocol": "TCP"}],
-        "endpoints": endpoints
-    })
+    let ports = [("p", i32::from(target), "TCP")];
+    to_json(&fixtures::slice(
+        NAMESPACE,
+        &format!("{svc}-1"),
+        svc,
+        &ports,
+        &endpoints,
+    ))
+}
+
+fn to_json(object: &impl serde::Serialize) -> serde_json::Value {
+    serde_json::to_value(object).expect("a typed object serializes")
 }
 
 /// The address of filler Service `i`.

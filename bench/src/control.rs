@@ -3,7 +3,7 @@
 //! rules loaded the way kube-proxy loads them (iptables-restore on the legacy and nft backends,
 //! `nft -f`), each in a private network namespace and under a time cap.
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -13,6 +13,7 @@ use dataplane_core::object::{Kind, Object};
 use dataplane_core::source::Batch;
 use dataplane_core::source::Event;
 use dataplane_core::translate::FrontendSpec;
+use kplab::netns::Netns;
 
 use crate::cluster;
 use crate::kubeproxy;
@@ -118,24 +119,21 @@ pub fn ours(n: usize, endpoints: usize, changes: usize) -> anyhow::Result<ModeSy
 }
 
 /// A private network namespace for loading rules, deleted on drop.
-struct Netns(String);
+struct RulesNetns(Netns);
 
-impl Netns {
-    fn new(name: String) -> anyhow::Result<Netns> {
-        let ok = Command::new("ip").args(["netns", "add", &name]).status()?;
-        if !ok.success() {
-            bail!("ip netns add {name} failed");
-        }
-        Ok(Netns(name))
+impl RulesNetns {
+    fn new(name: String) -> anyhow::Result<RulesNetns> {
+        Ok(RulesNetns(Netns::create(name)?))
     }
 
     /// Runs `cmd` with `input` on stdin inside the namespace; seconds taken, or `None` if it was
     /// killed at `cap`.
     fn timed(&self, cmd: &[&str], input: &Path, cap: Duration) -> anyhow::Result<Option<f64>> {
         let start = Instant::now();
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(cmd)
+        let mut child = self
+            .0
+            .command(cmd[0])
+            .args(&cmd[1..])
             .stdin(std::fs::File::open(input)?)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -161,16 +159,12 @@ impl Netns {
     }
 }
 
-impl Drop for Netns {
+impl Drop for RulesNetns {
     fn drop(&mut self) {
-        // Rules are flushed here, synchronously: a namespace deleted with 100k nftables chains
-        // in it is torn down by a kernel worker for minutes, under the next measurements.
-        let _ = Command::new("ip")
-            .args([
-                "netns", "exec", &self.0, "timeout", "300", "nft", "flush", "ruleset",
-            ])
-            .status();
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        // Rules are flushed here, synchronously, before the namespace goes: a namespace deleted
+        // with 100k nftables chains in it is torn down by a kernel worker for minutes, under the
+        // next measurements.
+        let _ = self.0.run("timeout", &["300", "nft", "flush", "ruleset"]);
     }
 }
 
@@ -220,7 +214,7 @@ pub fn baseline(
     let translated = cluster::translated(&objects, &index);
     let file = scratch.join(format!("{name}-{n}.rules"));
     std::fs::write(&file, rules(&translated))?;
-    let ns = Netns::new(format!("{prefix}-cp-{name}"))?;
+    let ns = RulesNetns::new(format!("{prefix}-cp-{name}"))?;
     let full = ns.timed(cmd, &file, cap)?;
     let mut result = ModeSync {
         mode: name.to_owned(),

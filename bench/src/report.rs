@@ -1,5 +1,5 @@
 //! The report: `latest.json` (every figure, with the machine it came from), `latest.md` (tables,
-//! ratios, targets met or missed) and SVG plots, from the parts the benchmark steps wrote.
+//! ratios, targets met or missed) and SVG plots, from the results document `bench all` builds.
 use std::fmt::Write as _;
 use std::path::Path;
 

@@ -13,58 +13,10 @@ use anyhow::{Context as _, bail};
 use aya::programs::{TestRun as _, TestRunOptions};
 use dataplane_agent::datapath::Datapath;
 use dataplane_common::prog_names;
+use dataplane_core::fixtures::packet::{ACK, Pkt, SYN};
 use dataplane_core::reconcile::{Reconciler, SyncProblem};
 
 use crate::cluster;
-
-const TCP: u8 = 6;
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-
-fn sum(bytes: &[u8], mut acc: u32) -> u32 {
-    for c in bytes.chunks(2) {
-        acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    acc
-}
-
-fn fold(mut acc: u32) -> u16 {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    !(acc as u16)
-}
-
-/// An Ethernet + IPv4 + TCP frame with valid checksums.
-#[must_use]
-pub fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
-    let mut tcp = Vec::with_capacity(20);
-    tcp.extend(sport.to_be_bytes());
-    tcp.extend(dport.to_be_bytes());
-    tcp.extend(1u32.to_be_bytes());
-    tcp.extend(0u32.to_be_bytes());
-    tcp.extend([5 << 4, flags]);
-    tcp.extend(64240u16.to_be_bytes());
-    tcp.extend([0, 0, 0, 0]);
-    let mut pseudo = Vec::with_capacity(12);
-    pseudo.extend(src.octets());
-    pseudo.extend(dst.octets());
-    pseudo.extend([0, TCP]);
-    pseudo.extend(20u16.to_be_bytes());
-    let c = fold(sum(&tcp, sum(&pseudo, 0)));
-    tcp[16..18].copy_from_slice(&c.to_be_bytes());
-    let mut ip = vec![0x45, 0];
-    ip.extend(40u16.to_be_bytes());
-    ip.extend([0, 1, 0x40, 0, 64, TCP, 0, 0]);
-    ip.extend(src.octets());
-    ip.extend(dst.octets());
-    let c = fold(sum(&ip, 0));
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut frame = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
-    frame.extend(ip);
-    frame.extend(tcp);
-    frame
-}
 
 /// The empty TC program, loaded from raw instructions.
 pub struct Empty {
@@ -260,7 +212,7 @@ pub fn measure(n: usize, endpoints: usize, runs: usize) -> anyhow::Result<Scale>
 
     // New flows: a new source port each time, so every packet misses conntrack and picks a backend.
     let frames: Vec<Vec<u8>> = (0..runs)
-        .map(|i| tcp_frame(client, 10_000 + (i % 50_000) as u16, vip, 80, SYN))
+        .map(|i| Pkt::tcp(client, 10_000 + (i % 50_000) as u16, vip, 80, SYN).build())
         .collect();
     let mut ns = Vec::with_capacity(runs);
     for f in &frames {
@@ -273,7 +225,7 @@ pub fn measure(n: usize, endpoints: usize, runs: usize) -> anyhow::Result<Scale>
     paths.push(summarise("new flow", prog_names::FROM_POD, ns));
 
     // Established: one flow, its conntrack entry made by the first packet.
-    let est = tcp_frame(client, 9_000, vip, 80, ACK);
+    let est = Pkt::tcp(client, 9_000, vip, 80, ACK).build();
     let mut out = vec![0u8; est.len() + 256];
     let first = dp.program(prog_names::FROM_POD)?.test_run(TestRunOptions {
         data_in: Some(&est),
@@ -289,12 +241,12 @@ pub fn measure(n: usize, endpoints: usize, runs: usize) -> anyhow::Result<Scale>
     paths.push(summarise("established flow", prog_names::FROM_POD, ns));
 
     // Replies of that flow, from the backend, reverse-translated on the way into the client pod.
-    let reply = tcp_frame(backend, 8080, client, 9_000, ACK);
+    let reply = Pkt::tcp(backend, 8080, client, 9_000, ACK).build();
     let ns = repeated(runs, || run(&dp, prog_names::TO_POD, &reply).map(|r| r.0))?;
     paths.push(summarise("reply", prog_names::TO_POD, ns));
 
     // Traffic to a pod address, not a Service: what non-Service traffic pays.
-    let pod = tcp_frame(client, 9_001, Ipv4Addr::new(10, 244, 2, 30), 8080, ACK);
+    let pod = Pkt::tcp(client, 9_001, Ipv4Addr::new(10, 244, 2, 30), 8080, ACK).build();
     let ns = repeated(runs, || run(&dp, prog_names::FROM_POD, &pod).map(|r| r.0))?;
     paths.push(summarise("not a Service", prog_names::FROM_POD, ns));
 

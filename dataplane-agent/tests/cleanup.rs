@@ -1,57 +1,27 @@
 //! `cleanup-kube-proxy` against real iptables (legacy and nft backends) and nftables, inside a
 //! network namespace of its own (never the machine's). Needs root; fails without it.
-use std::process::{Command, Output};
+use kplab::netns::Netns;
 
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Netns {
-        // SAFETY: plain syscall.
-        assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
-            "this test builds a network namespace: run as root"
-        );
-        let name = format!("kpc-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        assert!(
-            Command::new("ip")
-                .args(["netns", "add", &name])
-                .status()
-                .unwrap()
-                .success()
-        );
-        Netns(name)
-    }
-
-    fn run(&self, program: &str, args: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.0, program])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, program: &str, args: &[&str]) -> String {
-        let out = self.run(program, args);
-        assert!(
-            out.status.success(),
-            "{program} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
+/// The test's namespace, deleted on drop.
+fn netns() -> Netns {
+    // SAFETY: plain syscall.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test builds a network namespace: run as root"
+    );
+    Netns::create(format!("kpc-{}", std::process::id())).expect("create the test namespace")
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// Runs `program args` in the namespace; its stdout, or a failure with its stderr.
+fn ok(ns: &Netns, program: &str, args: &[&str]) -> String {
+    ns.run(program, args)
+        .unwrap_or_else(|e| panic!("{program} {args:?}: {e:#}"))
 }
 
 #[test]
 fn removes_kube_proxy_chains_and_tables_and_nothing_else() {
-    let ns = Netns::new();
+    let ns = netns();
     for ipt in ["iptables-legacy", "iptables-nft"] {
         for args in [
             &["-t", "nat", "-N", "KUBE-SERVICES"][..],
@@ -88,15 +58,19 @@ fn removes_kube_proxy_chains_and_tables_and_nothing_else() {
             &["-t", "filter", "-N", "MINE"],
             &["-t", "filter", "-A", "INPUT", "-j", "MINE"],
         ] {
-            ns.ok(ipt, args);
+            ok(&ns, ipt, args);
         }
     }
-    ns.ok("nft", &["add", "table", "ip", "kube-proxy"]);
-    ns.ok("nft", &["add", "chain", "ip", "kube-proxy", "services"]);
-    ns.ok("nft", &["add", "table", "ip", "other"]);
+    ok(&ns, "nft", &["add", "table", "ip", "kube-proxy"]);
+    ok(
+        &ns,
+        "nft",
+        &["add", "chain", "ip", "kube-proxy", "services"],
+    );
+    ok(&ns, "nft", &["add", "table", "ip", "other"]);
 
     let agent = env!("CARGO_BIN_EXE_dataplane-agent");
-    let dry = ns.ok(agent, &["cleanup-kube-proxy", "--dry-run"]);
+    let dry = ok(&ns, agent, &["cleanup-kube-proxy", "--dry-run"]);
     for line in [
         "iptables-legacy nat: would remove chain KUBE-SERVICES",
         "iptables-nft nat: would remove chain KUBE-SVC-ABC",
@@ -110,15 +84,14 @@ fn removes_kube_proxy_chains_and_tables_and_nothing_else() {
         "{dry}"
     );
     assert!(
-        ns.ok("iptables-legacy-save", &[])
-            .contains(":KUBE-SERVICES"),
+        ok(&ns, "iptables-legacy-save", &[]).contains(":KUBE-SERVICES"),
         "a dry run removes nothing"
     );
 
-    let done = ns.ok(agent, &["cleanup-kube-proxy"]);
+    let done = ok(&ns, agent, &["cleanup-kube-proxy"]);
     assert!(done.contains("removed chain KUBE-SERVICES"), "{done}");
     for save in ["iptables-legacy-save", "iptables-nft-save"] {
-        let rules = ns.ok(save, &[]);
+        let rules = ok(&ns, save, &[]);
         assert!(
             !rules.contains("KUBE-SERVICES")
                 && !rules.contains("KUBE-SVC-ABC")
@@ -130,11 +103,11 @@ fn removes_kube_proxy_chains_and_tables_and_nothing_else() {
             "the rest stays:\n{rules}"
         );
     }
-    let tables = ns.ok("nft", &["list", "tables"]);
+    let tables = ok(&ns, "nft", &["list", "tables"]);
     assert!(
         !tables.contains("kube-proxy") && tables.contains("table ip other"),
         "{tables}"
     );
-    let again = ns.ok(agent, &["cleanup-kube-proxy"]);
+    let again = ok(&ns, agent, &["cleanup-kube-proxy"]);
     assert!(again.contains("0 kube-proxy objects removed"), "{again}");
 }

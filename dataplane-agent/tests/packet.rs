@@ -1,14 +1,14 @@
 //! Packet tests of both TC programs through the real kernel (BPF_PROG_TEST_RUN), as a table:
 //! map contents, input packet, expected verdict, expected output packet and map side effects.
 //! They need root; without it they fail, they never skip.
-mod common;
-
 use std::net::Ipv4Addr;
 
 use aya::{TestRun as _, TestRunOptions};
-use common::{ACK, FIN, Parsed, Pkt, RST, SYN, TCP, UDP, parse_checked};
 use dataplane_agent::datapath::Datapath;
 use dataplane_common::{CT_DIR_REPLY, CT_DIR_SERVICE, DropReason, prog_names};
+use dataplane_core::fixtures::packet::{
+    self, ACK, FIN, Parsed, Pkt, RST, SYN, TCP, UDP, parse_checked,
+};
 use dataplane_core::maps::{MapState, backend_value, diff, service_entries};
 use dataplane_core::reconcile::MapWriter as _;
 use dataplane_core::translate::{BackendAddr, Frontend, Proto};
@@ -531,7 +531,7 @@ fn service_without_endpoints_rejects_tcp_with_rst() {
     assert_eq!(rst.ack, 5001, "RST acknowledges the SYN");
     assert_eq!(
         (rst.eth_dst, rst.eth_src),
-        (common::CLIENT_MAC, common::HOST_MAC)
+        (packet::CLIENT_MAC, packet::HOST_MAC)
     );
     assert_eq!(out.len(), 54);
     assert_eq!(drops(&dp, DropReason::NoBackend), 1);
@@ -603,7 +603,7 @@ fn a_pod_reaching_itself_through_a_service_is_hairpinned() {
     );
     assert_eq!(
         (fwd.eth_dst, fwd.eth_src),
-        (common::CLIENT_MAC, common::HOST_MAC)
+        (packet::CLIENT_MAC, packet::HOST_MAC)
     );
 
     // The pod answers the hairpin address; the reply comes back as from the service address.

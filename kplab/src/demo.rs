@@ -41,7 +41,7 @@ fn tally(
         .unwrap_or_default();
     let proto = proto.to_owned();
     std::thread::spawn(move || {
-        probe::enter_netns(&netns)?;
+        crate::netns::enter(&netns)?;
         let mut t = Tally {
             connected: 0,
             refused: 0,

@@ -13,6 +13,7 @@ mod api;
 mod cluster;
 pub mod demo;
 mod matrix;
+pub mod netns;
 pub mod probe;
 mod serve;
 mod topology;

@@ -49,7 +49,7 @@ pub fn render(state: &State, timeout: Duration) -> anyhow::Result<String> {
             .map(|pod| {
                 let targets = &targets;
                 s.spawn(move || {
-                    let cells = match probe::enter_netns(&pod.netns) {
+                    let cells = match crate::netns::enter(&pod.netns) {
                         Err(e) => vec![format!("err: {e}"); targets.len()],
                         Ok(()) => targets
                             .iter()

@@ -3,10 +3,9 @@
 //! saw), refused (RST / ICMP unreachable) or timeout.
 use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd as _;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use serde::Serialize;
 
 use super::State;
@@ -58,20 +57,6 @@ impl ProbeResult {
             error,
         }
     }
-}
-
-/// Moves the calling thread into a lab namespace.
-///
-/// # Errors
-/// The namespace does not exist or setns failed.
-pub fn enter_netns(netns: &str) -> anyhow::Result<()> {
-    let path = format!("/run/netns/{netns}");
-    let f = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-    // SAFETY: `f` is an open namespace file descriptor for the duration of the call.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns into {netns}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Classifies a socket error, or returns it when the probe itself could not run.
@@ -155,7 +140,7 @@ pub fn once(proto: &str, to: SocketAddr, timeout: Duration) -> anyhow::Result<Pr
 /// No lab, an unknown source, or a probe that could not run.
 pub fn main(args: &ProbeArgs) -> anyhow::Result<()> {
     let state = State::load()?;
-    enter_netns(state.netns_of(&args.from)?)?;
+    crate::netns::enter(state.netns_of(&args.from)?)?;
     let timeout = Duration::from_millis(args.timeout_ms);
     let mut out = std::io::stdout().lock();
     for _ in 0..args.count.max(1) {

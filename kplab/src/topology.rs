@@ -6,36 +6,25 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 use super::{NodeSpec, PodSpec, PodState};
+use crate::netns;
 
 /// The pods' default gateway, answered by a static neighbour entry (as Calico does).
 const POD_GATEWAY: &str = "169.254.1.1";
 
 /// Runs a command to completion; its stderr becomes the error.
-fn exec(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
-    let out = cmd.output().with_context(|| format!("running {what}"))?;
-    if !out.status.success() {
-        bail!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    exec(
+    netns::exec(
         Command::new("ip").args(args),
         &format!("ip {}", args.join(" ")),
     )
+    .map(drop)
 }
 
-fn in_ns(netns: &str, program: &str, args: &[&str]) -> anyhow::Result<()> {
-    exec(
-        Command::new("ip")
-            .args(["netns", "exec", netns, program])
-            .args(args),
-        &format!("{program} {} in {netns}", args.join(" ")),
-    )
+fn in_ns(ns: &str, program: &str, args: &[&str]) -> anyhow::Result<()> {
+    netns::run(ns, program, args).map(drop)
 }
 
 /// Short, stable interface-name suffix (interface names are limited to 15 bytes).
@@ -53,7 +42,7 @@ fn mac(kind: u8, s: &str) -> String {
 }
 
 fn new_netns(netns: &str) -> anyhow::Result<()> {
-    ip(&["netns", "add", netns])?;
+    netns::add(netns)?;
     ip(&["-n", netns, "link", "set", "lo", "up"])?;
     in_ns(
         netns,
@@ -260,10 +249,11 @@ pub fn create_pod(
 
 /// Mounts a BPF filesystem for the agents' pinned objects.
 pub fn mount_bpffs(dir: &Path) -> anyhow::Result<()> {
-    exec(
+    netns::exec(
         Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir),
         &format!("mount -t bpf bpf {}", dir.display()),
     )
+    .map(drop)
 }
 
 /// Unmounts every mount point below `dir` (deepest first), whatever run left them.
@@ -276,7 +266,7 @@ pub fn unmount_below(dir: &Path) -> anyhow::Result<()> {
         .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.len()));
     for p in points {
-        exec(Command::new("umount").arg(p), &format!("umount {p}"))?;
+        netns::exec(Command::new("umount").arg(p), &format!("umount {p}"))?;
     }
     Ok(())
 }
@@ -284,8 +274,8 @@ pub fn unmount_below(dir: &Path) -> anyhow::Result<()> {
 /// Stops a pod's server and removes its namespace (its veth goes with it).
 pub fn delete_pod(pod: &PodState) -> anyhow::Result<()> {
     stop([pod.server_pid]);
-    kill_netns_processes(&pod.netns);
-    ip(&["netns", "del", &pod.netns])
+    stop(netns::pids(&pod.netns));
+    netns::delete(&pod.netns)
 }
 
 /// Starts a long-running process inside a lab namespace (or, with `None`, in this one), detached
@@ -299,11 +289,7 @@ pub fn spawn_in(
     let out = std::fs::File::create(log)?;
     let err = out.try_clone()?;
     let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(program);
-            c
-        }
+        Some(ns) => netns::command(ns, program),
         None => Command::new(program),
     };
     cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
@@ -359,40 +345,19 @@ pub fn stop(pids: impl IntoIterator<Item = u32>) {
     }
 }
 
-fn kill_netns_processes(netns: &str) {
-    let Ok(out) = Command::new("ip").args(["netns", "pids", netns]).output() else {
-        return;
-    };
-    let pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect();
-    stop(pids);
-}
-
 /// The namespaces of every lab with this base name (any run).
 pub fn lab_namespaces(base: &str) -> anyhow::Result<Vec<String>> {
-    let out = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .context("running ip netns list")?;
-    let prefix = format!("{base}-");
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(&prefix))
-        .map(str::to_owned)
-        .collect())
+    netns::list(&format!("{base}-"))
 }
 
 /// Stops the processes in, and deletes, every namespace of the base. Returns how many.
 pub fn remove_namespaces(base: &str) -> anyhow::Result<usize> {
     let all = lab_namespaces(base)?;
     for ns in &all {
-        kill_netns_processes(ns);
+        stop(netns::pids(ns));
     }
     for ns in &all {
-        ip(&["netns", "del", ns])?;
+        netns::delete(ns)?;
     }
     Ok(all.len())
 }

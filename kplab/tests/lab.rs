@@ -3,12 +3,12 @@
 //! One lab at a time: the tests take a lock and use their own lab name (`kpltest`).
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd as _;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use kplab::netns;
 use serde_json::{Value, json};
 
 const LAB: &str = "kpltest";
@@ -227,26 +227,11 @@ fn backends(results: &[Value]) -> std::collections::BTreeSet<String> {
 
 /// Checksum errors counted by every lab namespace's kernel.
 fn checksum_errors() -> u64 {
-    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let mut checked = 0;
     let mut errors = 0;
-    for ns in String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-    {
-        if !ns.starts_with(&format!("{LAB}-")) {
-            continue;
-        }
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns,
-                "nstat",
-                "-asz",
-                "TcpInCsumErrors",
-                "UdpInCsumErrors",
-            ])
+    for ns in netns::list(&format!("{LAB}-")).unwrap() {
+        let out = netns::command(&ns, "nstat")
+            .args(["-asz", "TcpInCsumErrors", "UdpInCsumErrors"])
             .output()
             .unwrap();
         for line in String::from_utf8_lossy(&out.stdout)
@@ -305,17 +290,8 @@ fn clusterip_from_both_nodes_reaches_every_ready_backend_with_the_client_address
         }));
     }
     // A real HTTP client through the ClusterIP.
-    let curl = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.netns("client-a"),
-            "curl",
-            "-sS",
-            "-m",
-            "3",
-            "http://10.97.0.10/",
-        ])
+    let curl = netns::command(&lab.netns("client-a"), "curl")
+        .args(["-sS", "-m", "3", "http://10.97.0.10/"])
         .output()
         .unwrap();
     let body: Value = serde_json::from_slice(&curl.stdout).expect("curl shows the JSON reply");
@@ -333,17 +309,8 @@ fn clusterip_from_both_nodes_reaches_every_ready_backend_with_the_client_address
         .to_owned();
     let mut web_packets = 0;
     for _ in 0..30 {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &node_ns,
-                "curl",
-                "-sS",
-                "-m",
-                "3",
-                "http://127.0.0.1:10256/metrics",
-            ])
+        let out = netns::command(&node_ns, "curl")
+            .args(["-sS", "-m", "3", "http://127.0.0.1:10256/metrics"])
             .output()
             .unwrap();
         let metrics = String::from_utf8_lossy(&out.stdout);
@@ -377,9 +344,8 @@ impl Held {
         let netns = netns.to_owned();
         let to: SocketAddr = to.parse().unwrap();
         let stream = std::thread::spawn(move || {
-            let f = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
-            // SAFETY: valid namespace fd; only this helper thread changes namespace.
-            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            // Only this helper thread changes namespace.
+            kplab::netns::enter(&netns).unwrap();
             TcpStream::connect_timeout(&to, Duration::from_secs(2)).unwrap()
         })
         .join()

@@ -34,8 +34,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks against kube-proxy's modes, side by side; writes bench/results.
-    Bench(bench::BenchArgs),
+    /// Benchmarks against kube-proxy's modes, side by side; writes bench/results. ARGS go to
+    /// `bench all` (`--quick`, `--lab-scales`, `--out`, ...; see `target/release/bench all --help`).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Runs a command, failing with its exit status.
@@ -212,6 +216,6 @@ fn task(command: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Lab { args } => kplab(&args.iter().map(AsRef::as_ref).collect::<Vec<_>>()),
         Cmd::Test => test(),
-        Cmd::Bench(args) => bench::run_all(args),
+        Cmd::Bench { args } => bench::bench(&args),
     }
 }

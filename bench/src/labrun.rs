@@ -1,0 +1,448 @@
+//! Lab runs: one lab node with a client pod, ten nginx pods behind a Service in the middle of N
+//! Services, and an iperf3 pod, measured with our agent, then (agent detached) with no proxy at
+//! all, nftables, iptables-nft and iptables-legacy rules loaded into the node's namespace in
+//! turn. Every load run is bounded in count and time; all traffic stays inside the lab.
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use kplab::netns;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::control::ModeSync;
+use crate::{cluster, kubeproxy};
+
+/// What a lab run measures, per mode.
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    /// New connections per latency measurement.
+    pub connections: usize,
+    /// Seconds of wrk and of iperf3 per mode.
+    pub seconds: u64,
+    /// Time cap for loading one kube-proxy ruleset, in seconds.
+    pub cap_secs: u64,
+    /// Time cap for iptables-nft-restore, in seconds.
+    pub iptables_nft_cap_secs: u64,
+}
+
+/// One mode at one scale.
+#[derive(Clone, Debug, Serialize)]
+pub struct LabRow {
+    pub services: usize,
+    pub mode: String,
+    #[serde(flatten)]
+    pub outcome: LabOutcome,
+}
+
+/// A mode's figures, or why it was not measured.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum LabOutcome {
+    Measured {
+        p50_us: f64,
+        p99_us: f64,
+        pod_ip_p50_us: f64,
+        pod_ip_p99_us: f64,
+        rps: f64,
+        gbps: f64,
+        /// Seconds to program the mode (lab up for ours, the rules load for the baselines).
+        load_s: Option<f64>,
+    },
+    NotLoaded {
+        note: String,
+    },
+}
+
+/// The agent's peak memory at one scale.
+#[derive(Clone, Debug, Serialize)]
+pub struct AgentRss {
+    pub services: usize,
+    pub peak_rss_mb: f64,
+}
+
+/// Where the lab's measured pods are, written beside the manifests by [`gen_lab`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Plan {
+    /// The client pod (namespace/name).
+    pub client: String,
+    pub web_vip: SocketAddr,
+    pub web_pods: Vec<SocketAddr>,
+    pub web_one_vip: SocketAddr,
+    pub web_direct: SocketAddr,
+    pub iperf_vip: Ipv4Addr,
+    pub iperf_direct: Ipv4Addr,
+    pub services: usize,
+}
+
+/// The lab's real pods: a client, ten nginx backends of the web Service (the first also alone
+/// behind web-one, for wrk against one server either way), an iperf3 server.
+const NODE: (&str, &str, &str) = ("node-a", "172.31.0.2", "10.245.1.0/24");
+const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 250, 10);
+const WEB_ONE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 250, 11);
+const IPERF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 250, 20);
+
+/// Writes a lab cluster of `services` Services to `out`: manifests, kube-proxy's rules for it,
+/// and the plan.
+///
+/// # Errors
+/// A file could not be written.
+pub fn gen_lab(services: usize, out: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out.join("manifests"))?;
+    let web: Vec<Ipv4Addr> = (0..10).map(|i| Ipv4Addr::new(10, 245, 1, 20 + i)).collect();
+    let iperf = Ipv4Addr::new(10, 245, 1, 40);
+    let client = Ipv4Addr::new(10, 245, 1, 10);
+    let real = [
+        cluster::Real {
+            name: "web".into(),
+            vip: WEB_VIP,
+            port: 80,
+            target_port: 8080,
+            backends: web.clone(),
+        },
+        cluster::Real {
+            name: "web-one".into(),
+            vip: WEB_ONE_VIP,
+            port: 80,
+            target_port: 8080,
+            backends: vec![web[0]],
+        },
+        cluster::Real {
+            name: "iperf".into(),
+            vip: IPERF_VIP,
+            port: 5201,
+            target_port: 5201,
+            backends: vec![iperf],
+        },
+    ];
+    let objects = cluster::objects(services, 10, &real);
+    let mut pods = vec![
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE.0},
+               "spec": {"podCIDR": NODE.2},
+               "status": {"addresses": [{"type": "InternalIP", "address": NODE.1}]}}),
+    ];
+    let pod = |name: &str, ip: Ipv4Addr, port: u16, server: Option<&str>| {
+        let mut p = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": cluster::NAMESPACE},
+            "spec": {"nodeName": NODE.0, "containers": [{"name": "c", "image": "bench",
+                     "ports": [{"containerPort": port, "protocol": "TCP"}]}]},
+            "status": {"podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}],
+                       "conditions": [{"type": "Ready", "status": "True"}]}});
+        if let Some(s) = server {
+            p["metadata"]["annotations"] = json!({"kplab.dev/server": s});
+        }
+        p
+    };
+    pods.push(pod("client", client, 8080, None));
+    for (i, ip) in web.iter().enumerate() {
+        pods.push(pod(&format!("web-{i}"), *ip, 8080, Some("nginx")));
+    }
+    pods.push(pod("iperf", iperf, 5201, Some("iperf3")));
+    std::fs::write(out.join("manifests/pods.yaml"), cluster::yaml(&pods)?)?;
+    std::fs::write(
+        out.join("manifests/services.yaml"),
+        cluster::yaml(&objects)?,
+    )?;
+    let index = cluster::index(&objects);
+    let translated = cluster::translated(&objects, &index);
+    std::fs::write(out.join("iptables.rules"), kubeproxy::iptables(&translated))?;
+    std::fs::write(out.join("nftables.rules"), kubeproxy::nftables(&translated))?;
+    let plan = Plan {
+        client: format!("{}/client", cluster::NAMESPACE),
+        web_vip: SocketAddr::from((WEB_VIP, 80)),
+        web_pods: web.iter().map(|w| SocketAddr::from((*w, 8080))).collect(),
+        web_one_vip: SocketAddr::from((WEB_ONE_VIP, 80)),
+        web_direct: SocketAddr::from((web[0], 8080)),
+        iperf_vip: IPERF_VIP,
+        iperf_direct: iperf,
+        services,
+    };
+    std::fs::write(out.join("plan.json"), serde_json::to_string_pretty(&plan)?)?;
+    Ok(())
+}
+
+/// Runs `f` on a thread inside a network namespace.
+fn in_netns<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let name = name.to_owned();
+    std::thread::spawn(move || -> anyhow::Result<T> {
+        // Only this thread changes namespace.
+        netns::enter(&name)?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("measurement thread panicked"))?
+}
+
+/// One new connection with one HTTP request and its whole response; microseconds.
+fn one_request(to: SocketAddr) -> std::io::Result<f64> {
+    let t = Instant::now();
+    // Long enough for a SYN retransmitted after 1 s (a conntrack clash in the kube-proxy modes)
+    // to count as a slow connection rather than a failure.
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+    let mut buf = [0u8; 1024];
+    let mut got = 0;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    if got == 0 || !buf.starts_with(b"HTTP/1.1 200") {
+        return Err(std::io::Error::other("no 200 response"));
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e6)
+}
+
+/// p50 and p99 (us) of `count` new connections (after a warm-up) to `targets` in turn, bounded
+/// by 60 s. More than 1% failed connections fails the measurement: such a mode is broken, not slow.
+fn latency(ns: &str, targets: &[SocketAddr], count: usize) -> anyhow::Result<(f64, f64)> {
+    let targets = targets.to_vec();
+    let samples = in_netns(ns, move || -> anyhow::Result<Vec<f64>> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for to in targets.iter().cycle().take(50) {
+            let _ = one_request(*to);
+        }
+        let mut us = Vec::with_capacity(count);
+        let mut failed = Vec::new();
+        for to in targets.iter().cycle() {
+            if us.len() + failed.len() >= count || Instant::now() >= deadline {
+                break;
+            }
+            match one_request(*to) {
+                Ok(t) => us.push(t),
+                Err(e) => failed.push(format!("{to}: {e}")),
+            }
+        }
+        if failed.len() * 100 > count {
+            bail!(
+                "{} of {count} connections failed: {:?}",
+                failed.len(),
+                &failed[..failed.len().min(5)]
+            );
+        }
+        Ok(us)
+    })??;
+    let mut s = samples;
+    s.sort_by(f64::total_cmp);
+    let at = |q: f64| s[((s.len() - 1) as f64 * q).round() as usize];
+    Ok((at(0.5), at(0.99)))
+}
+
+/// Requests per second from wrk (8 keep-alive connections, one thread) for `seconds`.
+fn wrk(ns: &str, url: &str, seconds: u64) -> anyhow::Result<f64> {
+    let cap = (seconds + 10).to_string();
+    let d = format!("{seconds}s");
+    let out = netns::run(
+        ns,
+        "timeout",
+        &[&cap, "wrk", "-t1", "-c8", "-d", &d, "--timeout", "2s", url],
+    )?;
+    if out.contains("Non-2xx") || out.contains("Socket errors") {
+        bail!("wrk saw errors against {url}:\n{out}");
+    }
+    out.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no Requests/sec in wrk's output:\n{out}"))
+}
+
+/// TCP throughput from iperf3 (one stream) for `seconds`, Gbit/s received.
+fn iperf(ns: &str, ip: Ipv4Addr, seconds: u64) -> anyhow::Result<f64> {
+    let cap = (seconds + 10).to_string();
+    let t = seconds.to_string();
+    let ip = ip.to_string();
+    let out = netns::run(
+        ns,
+        "timeout",
+        &[&cap, "iperf3", "-c", &ip, "-p", "5201", "-t", &t, "-J"],
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .with_context(|| format!("no throughput in iperf3's output: {out}"))
+}
+
+/// Loads a ruleset into the node's namespace under the cap; seconds taken, `None` if capped.
+fn load(ns: &str, loader: &[&str], file: &Path, cap: u64) -> anyhow::Result<Option<f64>> {
+    let t = Instant::now();
+    let status = netns::command(ns, "timeout")
+        .arg(cap.to_string())
+        .args(loader)
+        .stdin(std::fs::File::open(file)?)
+        .status()?;
+    match status.code() {
+        Some(0) => Ok(Some(t.elapsed().as_secs_f64())),
+        Some(124) => Ok(None),
+        _ => bail!("{} failed: {status}", loader.join(" ")),
+    }
+}
+
+/// The namespaces a plan's measurements run in.
+struct Where {
+    client: String,
+    node: String,
+}
+
+fn locate(plan: &Plan) -> anyhow::Result<Where> {
+    let state = kplab::state()?;
+    let client = state
+        .pods
+        .iter()
+        .find(|x| x.spec.key == plan.client)
+        .context("the client pod is in the lab")?
+        .netns
+        .clone();
+    Ok(Where {
+        client,
+        node: state.nodes[0].netns.clone(),
+    })
+}
+
+/// Measures one mode. Latency: through the ClusterIP of ten nginx pods, or ("direct") to those
+/// pods' own addresses in turn, and to the pods' own addresses with the mode loaded; wrk: one
+/// nginx pod through its single-endpoint ClusterIP, or directly; iperf3 likewise.
+fn measure(
+    o: &LabOptions,
+    p: &Plan,
+    at: &Where,
+    mode: &str,
+    load_s: Option<f64>,
+) -> anyhow::Result<LabRow> {
+    let direct = mode == "direct";
+    eprintln!("bench: {} Services, {mode}", p.services);
+    let (pod50, pod99) = latency(&at.client, &p.web_pods, o.connections)?;
+    let (p50, p99) = if direct {
+        (pod50, pod99)
+    } else {
+        latency(&at.client, &[p.web_vip], o.connections)?
+    };
+    let (web, iperf_ip) = if direct {
+        (p.web_direct, p.iperf_direct)
+    } else {
+        (p.web_one_vip, p.iperf_vip)
+    };
+    let rps = wrk(&at.client, &format!("http://{web}/"), o.seconds)?;
+    let gbps = iperf(&at.client, iperf_ip, o.seconds)?;
+    Ok(LabRow {
+        services: p.services,
+        mode: mode.to_owned(),
+        outcome: LabOutcome::Measured {
+            p50_us: p50,
+            p99_us: p99,
+            pod_ip_p50_us: pod50,
+            pod_ip_p99_us: pod99,
+            rps,
+            gbps,
+            load_s,
+        },
+    })
+}
+
+/// A kube-proxy mode in the lab: name, loader, rules file, cleanup commands.
+type Baseline<'a> = (&'a str, &'a [&'a str], &'a str, &'a [&'a [&'a str]]);
+
+const MODES: [Baseline; 3] = [
+    (
+        "nftables",
+        &["nft", "-f", "-"],
+        "nftables.rules",
+        &[&["nft", "delete", "table", "ip", "kube-proxy"]],
+    ),
+    (
+        "iptables-nft",
+        &["iptables-nft-restore", "--noflush"],
+        "iptables.rules",
+        &[&["nft", "flush", "ruleset"]],
+    ),
+    (
+        "iptables-legacy",
+        &["iptables-legacy-restore", "--noflush"],
+        "iptables.rules",
+        &[
+            &["iptables-legacy", "-t", "nat", "-F"],
+            &["iptables-legacy", "-t", "nat", "-X"],
+            &["iptables-legacy", "-t", "filter", "-F"],
+            &["iptables-legacy", "-t", "filter", "-X"],
+        ],
+    ),
+];
+
+/// A mode whose full sync did not finish within the cap in the control-plane step at this scale
+/// or a smaller one: loading it into the lab would only hit the cap again.
+fn capped_in_control(control: &[ModeSync], mode: &str, n: usize) -> bool {
+    control
+        .iter()
+        .any(|r| r.mode == mode && r.services <= n && r.full_sync_s.is_none())
+}
+
+/// One lab at the scale `dir` was generated for: up, ours, direct, then each baseline; the lab is
+/// left up for the caller to take down.
+///
+/// # Errors
+/// The lab could not be built, or a measurement failed.
+pub fn scale(
+    o: &LabOptions,
+    dir: &Path,
+    control: &[ModeSync],
+    rows: &mut Vec<LabRow>,
+    rss: &mut Vec<AgentRss>,
+) -> anyhow::Result<()> {
+    let plan: Plan = serde_json::from_slice(&std::fs::read(dir.join("plan.json"))?)
+        .context("reading the lab plan")?;
+    let n = plan.services;
+    let t = Instant::now();
+    kplab::up(&dir.join("manifests"), None, &[])?;
+    let up_s = t.elapsed().as_secs_f64();
+    let at = locate(&plan)?;
+    rows.push(measure(o, &plan, &at, "ours", Some(up_s))?);
+    let pid = kplab::state()?.nodes[0].agent_pid;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let hwm_kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmHWM of the agent")?;
+    rss.push(AgentRss {
+        services: n,
+        peak_rss_mb: hwm_kb / 1024.0,
+    });
+    kplab::detach_datapath()?;
+    rows.push(measure(o, &plan, &at, "direct", None)?);
+
+    for (mode, loader, file, cleanup) in MODES {
+        let cap = if mode == "iptables-nft" {
+            o.iptables_nft_cap_secs
+        } else {
+            o.cap_secs
+        };
+        let not_loaded = |note: String| LabRow {
+            services: n,
+            mode: mode.to_owned(),
+            outcome: LabOutcome::NotLoaded { note },
+        };
+        if capped_in_control(control, mode, n) {
+            rows.push(not_loaded(format!(
+                "not loaded: over the {cap} s cap in the control-plane step"
+            )));
+            continue;
+        }
+        eprintln!("bench: loading {mode} rules for {n} Services");
+        match load(&at.node, loader, &dir.join(file), cap)? {
+            Some(s) => rows.push(measure(o, &plan, &at, mode, Some(s))?),
+            None => rows.push(not_loaded(format!("not loaded within the {cap} s cap"))),
+        }
+        for c in cleanup {
+            netns::run(&at.node, c[0], &c[1..])?;
+        }
+    }
+    Ok(())
+}
