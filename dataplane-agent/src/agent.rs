@@ -114,7 +114,7 @@ impl Agent {
         let routes = match std::fs::read_to_string("/proc/net/route") {
             Ok(t) => parse_routes(&t),
             Err(e) => {
-                warn!("cannot read routes: {e}");
+                warn!(error = %e, "cannot read routes");
                 return;
             }
         };
@@ -139,7 +139,7 @@ impl Agent {
                 Ok(true) => info!(%iface, pods = ?ips, "attached"),
                 Ok(false) => {}
                 Err(e) => {
-                    warn!(%iface, "attach failed: {e:#}");
+                    warn!(%iface, error = %format_args!("{e:#}"), "attach failed");
                     self.pipeline.count_error("attach", 1);
                 }
             }
@@ -155,7 +155,7 @@ impl Agent {
     pub fn tick_clock(&mut self) {
         if let Err(e) = self.datapath.tick_clock() {
             self.pipeline.count_error("clock", 1);
-            warn!("{e:#}");
+            warn!(error = %format_args!("{e:#}"), "cannot advance the datapath clock");
         }
     }
 
@@ -165,7 +165,7 @@ impl Agent {
         let entries = match self.datapath.conntrack_entries() {
             Ok(e) => e,
             Err(e) => {
-                warn!("cannot read conntrack: {e:#}");
+                warn!(error = %format_args!("{e:#}"), "cannot read conntrack");
                 return;
             }
         };
@@ -236,7 +236,7 @@ fn report(path: Option<&std::path::Path>, agent: &Agent, tx: &watch::Sender<Arc<
     if let Some(path) = path
         && let Err(e) = write_status(path, &status)
     {
-        warn!("cannot write status: {e:#}");
+        warn!(error = %format_args!("{e:#}"), "cannot write status");
     }
     tx.send_replace(status);
 }
@@ -265,7 +265,7 @@ async fn watch_manifests(dir: PathBuf, poll: Duration, tx: mpsc::Sender<Batch>) 
             Err(e) => {
                 let msg = e.to_string();
                 if last_error.as_ref() != Some(&msg) {
-                    warn!(dir = %dir.display(), "cannot scan manifests, keeping what is programmed: {msg}");
+                    warn!(dir = %dir.display(), error = %msg, "cannot scan manifests, keeping what is programmed");
                     last_error = Some(msg);
                 }
             }

@@ -70,7 +70,7 @@ pub async fn serve(listener: TcpListener, status: watch::Receiver<Arc<Status>>) 
         let status = status.clone();
         tokio::spawn(async move {
             if let Err(e) = handle(stream, status).await {
-                tracing::debug!("http connection: {e}");
+                tracing::debug!(error = %e, "http connection");
             }
         });
     }

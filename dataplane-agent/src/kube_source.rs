@@ -107,7 +107,8 @@ async fn watch_kind(client: Client, kind: Kind, tx: mpsc::Sender<(Kind, KindEven
             Err(e) => {
                 warn!(
                     kind = kind.as_str(),
-                    "watch failed, retrying with backoff: {e}"
+                    error = %e,
+                    "watch failed, retrying with backoff"
                 );
                 continue;
             }

@@ -1,0 +1,60 @@
+//! The counter maps: `DROPS` (per-CPU, by [`DropReason`]) and `SVC_STATS` (per-CPU, by
+//! reverse-NAT id).
+
+/// Per-service-port traffic counters (`SVC_STATS`, indexed by reverse-NAT id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Why the datapath dropped or rejected a packet. Index into `DROPS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Truncated headers or an IPv4 header length below 20 bytes.
+    Malformed = 0,
+    /// The service has no ready endpoint: answered with a TCP RST or ICMP port unreachable.
+    NoBackend = 1,
+    /// A conntrack entry could not be created, so the flow could not be pinned to a backend.
+    CtCreateFailed = 2,
+    /// A header rewrite or checksum helper failed.
+    NatFailed = 3,
+    /// The reject reply (RST / ICMP) could not be built; the packet was dropped instead.
+    RejectFailed = 4,
+    /// A service slot or backend referenced by the service header was missing (mid-update race).
+    BackendMissing = 5,
+}
+
+impl DropReason {
+    pub const COUNT: u32 = 6;
+    pub const ALL: [DropReason; Self::COUNT as usize] = [
+        DropReason::Malformed,
+        DropReason::NoBackend,
+        DropReason::CtCreateFailed,
+        DropReason::NatFailed,
+        DropReason::RejectFailed,
+        DropReason::BackendMissing,
+    ];
+
+    /// Stable label for metrics and reports.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::NoBackend => "no_backend",
+            DropReason::CtCreateFailed => "ct_create_failed",
+            DropReason::NatFailed => "nat_failed",
+            DropReason::RejectFailed => "reject_failed",
+            DropReason::BackendMissing => "backend_missing",
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<SvcStats>() == 16);
+
+#[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]`, `Copy`, explicit padding fields and no pointers: any bit pattern is a valid
+// value and the bytes can be shared with the kernel as they are.
+unsafe impl aya::Pod for SvcStats {}
