@@ -25,8 +25,10 @@ fn compiled(out: &std::process::Output) -> usize {
             let rebuilt = artifacts.iter().filter(|m| m["fresh"] == false).count();
             (rebuilt, artifacts.len())
         });
+    // xtask alone is about 30 units (clap, serde_json, anyhow, libc and theirs), the agent and
+    // kplab about 300: fewer than 20 means the count itself is broken.
     assert!(
-        units > 100,
+        units >= 20,
         "only {units} units reported: the count is broken"
     );
     compiled
