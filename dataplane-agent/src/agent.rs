@@ -44,6 +44,8 @@ pub struct Config {
     pub http_bind: Option<std::net::SocketAddr>,
     /// A directory on a bpffs: conntrack and links are pinned there and survive restarts.
     pub bpffs: Option<PathBuf>,
+    /// The cgroup v2 directory the socket hooks go on (node processes reach Services there).
+    pub socket_cgroup: Option<PathBuf>,
 }
 
 /// Where the objects come from.
@@ -58,6 +60,7 @@ pub enum Source {
 /// The agent's state.
 pub struct Agent {
     node: String,
+    socket_cgroup: Option<PathBuf>,
     pipeline: Pipeline,
     datapath: Datapath,
     conntrack_entries: u64,
@@ -71,6 +74,7 @@ impl Agent {
     pub fn new(node: String, datapath: Datapath) -> Self {
         Self {
             node,
+            socket_cgroup: None,
             pipeline: Pipeline::default(),
             datapath,
             conntrack_entries: 0,
@@ -104,6 +108,29 @@ impl Agent {
         );
     }
 
+    /// Puts the socket hooks on `cgroup` once the first batch is programmed.
+    #[must_use]
+    pub fn with_socket_cgroup(mut self, cgroup: Option<PathBuf>) -> Self {
+        self.socket_cgroup = cgroup;
+        self
+    }
+
+    /// Attaches the socket hooks to the configured cgroup, once, after the first batch is
+    /// programmed (a hook must find complete maps); a failure is retried every second.
+    fn sync_cgroup(&mut self) {
+        let Some(cgroup) = self.socket_cgroup.clone() else {
+            return;
+        };
+        match self.datapath.attach_cgroup(&cgroup) {
+            Ok(true) => info!(cgroup = %cgroup.display(), "socket hooks attached"),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(cgroup = %cgroup.display(), error = %format_args!("{e:#}"), "socket hooks not attached");
+                self.pipeline.count_error("attach", 1);
+            }
+        }
+    }
+
     /// Attaches to the interfaces of local pods and detaches from the ones gone. Nothing is
     /// attached before the first batch is programmed: a program swapped into a link pinned by an
     /// earlier agent must find complete maps.
@@ -111,6 +138,7 @@ impl Agent {
         if self.pipeline.generation() == 0 {
             return;
         }
+        self.sync_cgroup();
         let routes = match std::fs::read_to_string("/proc/net/route") {
             Ok(t) => parse_routes(&t),
             Err(e) => {
@@ -212,6 +240,12 @@ impl Agent {
             &self.node,
             KernelReadings {
                 interfaces: self.datapath.attached().map(str::to_owned).collect(),
+                cgroups: self
+                    .datapath
+                    .cgroup()
+                    .map(|c| c.display().to_string())
+                    .into_iter()
+                    .collect(),
                 drops: self.drops.clone(),
                 service_stats: Some(&self.service_stats),
                 conntrack_entries: self.conntrack_entries,
@@ -279,7 +313,8 @@ async fn watch_manifests(dir: PathBuf, poll: Duration, tx: mpsc::Sender<Batch>) 
 /// The eBPF object could not be loaded.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let datapath = Datapath::load_object(crate::ebpf::OBJECT, config.bpffs.as_deref())?;
-    let mut agent = Agent::new(config.node_name.clone(), datapath);
+    let mut agent = Agent::new(config.node_name.clone(), datapath)
+        .with_socket_cgroup(config.socket_cgroup.clone());
     info!(node = %config.node_name, source = ?config.source, "agent started");
 
     let (status_tx, status_rx) = watch::channel(Arc::new(agent.status()));

@@ -1,6 +1,7 @@
-//! The kernel side: loads the eBPF object, attaches its programs to pod interfaces, writes and reads
-//! its maps.
+//! The kernel side: loads the eBPF object, attaches its programs to pod interfaces and its socket
+//! hooks to the node's cgroup, writes and reads its maps.
 use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, anyhow};
@@ -8,14 +9,26 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
-        SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
         links::{FdLink, Link as _, PinnedLink},
         tc::SchedClassifierLink,
     },
 };
 use dataplane_common::{
-    Backend, CtKey, CtValue, DropReason, ServiceKey, ServiceValue, SvcStats, map_names, prog_names,
+    Backend, CtKey, CtValue, DropReason, NodeConfig, ServiceKey, ServiceValue, SvcStats, map_names,
+    prog_names,
 };
+
+/// The socket hooks, attached together to one cgroup.
+const SOCK_PROGRAMS: [&str; 4] = [
+    prog_names::CONNECT4,
+    prog_names::SENDMSG4,
+    prog_names::RECVMSG4,
+    prog_names::GETPEERNAME4,
+];
+
+/// `statfs` magic of a cgroup v2 filesystem.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 use dataplane_core::maps::Op;
 use dataplane_core::reconcile::MapWriter;
@@ -24,6 +37,7 @@ use dataplane_core::reconcile::MapWriter;
 /// running while the agent restarts, and the next agent swaps its own program in atomically.
 enum AttachedLink {
     Owned(SchedClassifierLink),
+    Fd(FdLink),
     Pinned { link: FdLink, path: PathBuf },
 }
 
@@ -33,6 +47,9 @@ impl AttachedLink {
         match self {
             AttachedLink::Owned(link) => {
                 // Best effort: the interface may be gone already, which detached it.
+                let _ = link.detach();
+            }
+            AttachedLink::Fd(link) => {
                 let _ = link.detach();
             }
             AttachedLink::Pinned { link, path } => {
@@ -59,6 +76,8 @@ pub struct Datapath {
     svc_stats: PerCpuArray<MapData, SvcStats>,
     clock: Array<MapData, u64>,
     attached: BTreeMap<String, Attachment>,
+    /// The cgroup the socket hooks are attached to, and their links.
+    cgroup: Option<(PathBuf, Vec<AttachedLink>)>,
     pin_dir: Option<PathBuf>,
 }
 
@@ -96,6 +115,7 @@ impl Datapath {
                 .with_context(|| format!("creating {}", dir.display()))?;
             loader.map_pin_path(map_names::CONNTRACK, dir.join(map_names::CONNTRACK));
             loader.map_pin_path(map_names::CLOCK, dir.join(map_names::CLOCK));
+            loader.map_pin_path(map_names::SOCK_REVNAT, dir.join(map_names::SOCK_REVNAT));
         }
         let mut ebpf = loader.load(object).context("loading the eBPF object")?;
         for name in [prog_names::FROM_POD, prog_names::TO_POD] {
@@ -106,6 +126,23 @@ impl Datapath {
             prog.load()
                 .with_context(|| format!("verifier refused program {name}"))?;
         }
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("verifier refused program {name}"))?;
+        }
+        let mut node: Array<MapData, NodeConfig> = take_map(&mut ebpf, map_names::NODE)?;
+        node.set(
+            0,
+            NodeConfig {
+                netns_cookie: own_netns_cookie()?,
+            },
+            0,
+        )
+        .context("writing the node's netns cookie")?;
         let mut datapath = Self {
             services: take_map(&mut ebpf, map_names::SERVICES)?,
             backends: take_map(&mut ebpf, map_names::BACKENDS)?,
@@ -115,6 +152,7 @@ impl Datapath {
             clock: take_map(&mut ebpf, map_names::CLOCK)?,
             ebpf,
             attached: BTreeMap::new(),
+            cgroup: None,
             pin_dir: pin_dir.map(Path::to_path_buf),
         };
         datapath.tick_clock()?;
@@ -252,6 +290,78 @@ impl Datapath {
         removed
     }
 
+    /// Attaches the socket hooks (connect4, sendmsg4, recvmsg4, getpeername4) to a cgroup v2
+    /// directory: every process in it or below it, in this node's network namespace, reaches
+    /// Service frontends at the socket. All four or none: a failure detaches what was attached.
+    /// With a pin directory the links are pinned as `<dir>/cgroup/<program>`; a link an earlier
+    /// agent pinned keeps running until this agent's is in (both may run for that moment: the
+    /// second sees a backend, not a frontend, and leaves it), then it is unpinned and goes.
+    ///
+    /// # Errors
+    /// The path is not a cgroup v2 directory, or the kernel refused a link.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<bool> {
+        if self.cgroup.is_some() {
+            return Ok(false);
+        }
+        check_cgroup2(cgroup)?;
+        let dir = std::fs::File::open(cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let pins = self.pin_dir.as_ref().map(|d| d.join("cgroup"));
+        if let Some(p) = &pins {
+            std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+        }
+        let mut links = Vec::new();
+        for name in SOCK_PROGRAMS {
+            let pin = pins.as_ref().map(|d| d.join(name));
+            match self.attach_sock(name, &dir, pin) {
+                Ok(link) => links.push(link),
+                Err(e) => {
+                    for link in links {
+                        link.detach();
+                    }
+                    return Err(e).with_context(|| {
+                        format!("attaching {name} to cgroup {}", cgroup.display())
+                    });
+                }
+            }
+        }
+        self.cgroup = Some((cgroup.to_path_buf(), links));
+        Ok(true)
+    }
+
+    fn attach_sock(
+        &mut self,
+        name: &str,
+        cgroup: &std::fs::File,
+        pin: Option<PathBuf>,
+    ) -> anyhow::Result<AttachedLink> {
+        let prog: &mut CgroupSockAddr = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
+            .try_into()?;
+        // A bpf_link on a cgroup takes no attach flags (the kernel refuses any): links always
+        // coexist with other links and programs, which is what the handover below relies on.
+        let id = prog.attach(cgroup, CgroupAttachMode::Single)?;
+        let link = FdLink::try_from(prog.take_link(id)?)?;
+        let Some(path) = pin else {
+            return Ok(AttachedLink::Fd(link));
+        };
+        // Unpinning the earlier agent's link releases its last reference: it detaches now that
+        // this one runs.
+        if path.exists() {
+            std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+        }
+        let link = FdLink::from(link.pin(&path)?);
+        Ok(AttachedLink::Pinned { link, path })
+    }
+
+    /// The cgroup the socket hooks are attached to.
+    #[must_use]
+    pub fn cgroup(&self) -> Option<&Path> {
+        self.cgroup.as_ref().map(|(p, _)| p.as_path())
+    }
+
     /// Interfaces the programs are attached to.
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.attached.keys().map(String::as_str)
@@ -343,6 +453,49 @@ impl MapWriter for Datapath {
         }
         Ok(())
     }
+}
+
+/// Fails unless `path` is a directory of a cgroup v2 filesystem.
+fn check_cgroup2(path: &Path) -> anyhow::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: an all-zero statfs is a valid out-buffer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cgroup {}", path.display()));
+    }
+    if st.f_type != CGROUP2_SUPER_MAGIC {
+        anyhow::bail!("{} is not a cgroup v2 directory", path.display());
+    }
+    Ok(())
+}
+
+/// The netns cookie of this process's network namespace (`SO_NETNS_COOKIE`).
+fn own_netns_cookie() -> anyhow::Result<u64> {
+    // SAFETY: plain syscall; the descriptor is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket for SO_NETNS_COOKIE");
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid descriptor, out-pointer and length.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt SO_NETNS_COOKIE");
+    }
+    Ok(cookie)
 }
 
 /// CLOCK_MONOTONIC in ns: the time base of the datapath's clock and of conntrack timestamps.

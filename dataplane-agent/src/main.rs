@@ -44,6 +44,11 @@ enum Command {
         /// connections and the datapath survive agent restarts and upgrades.
         #[arg(long, env = "DATAPLANE_BPFFS")]
         bpffs: Option<PathBuf>,
+        /// A cgroup v2 directory for the socket hooks: processes in it (or below it) in this
+        /// node's own network namespace reach ClusterIPs at connect()/sendmsg(). Without it, only
+        /// pods are translated (at their interfaces).
+        #[arg(long, env = "DATAPLANE_SOCKET_CGROUP")]
+        socket_cgroup: Option<PathBuf>,
     },
     /// Remove the iptables chains (KUBE-*) and nftables tables (kube-proxy) kube-proxy leaves on
     /// this node, and report what was removed.
@@ -72,6 +77,7 @@ fn main() -> anyhow::Result<()> {
             poll_ms,
             http_bind_address,
             bpffs,
+            socket_cgroup,
         } => {
             let config = Config {
                 node_name,
@@ -83,6 +89,7 @@ fn main() -> anyhow::Result<()> {
                 poll: Duration::from_millis(poll_ms),
                 http_bind: Some(http_bind_address),
                 bpffs,
+                socket_cgroup,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

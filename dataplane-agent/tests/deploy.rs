@@ -141,6 +141,7 @@ fn daemonset_replaces_kube_proxy_with_least_privilege() {
     for (path, mount) in [
         ("/sys/fs/bpf", "/sys/fs/bpf"),
         ("/run/dataplane", "/run/dataplane"),
+        ("/sys/fs/cgroup", "/sys/fs/cgroup"),
     ] {
         let v = volumes
             .iter()
@@ -159,6 +160,10 @@ fn daemonset_replaces_kube_proxy_with_least_privilege() {
     assert!(
         data["DATAPLANE_BPFFS"].starts_with("/sys/fs/bpf/"),
         "pins live on the mounted bpffs"
+    );
+    assert_eq!(
+        data["DATAPLANE_SOCKET_CGROUP"], "/sys/fs/cgroup",
+        "socket hooks on the mounted cgroup v2 root"
     );
 }
 

@@ -25,10 +25,13 @@ pub enum DropReason {
     RejectFailed = 4,
     /// A service slot or backend referenced by the service header was missing (mid-update race).
     BackendMissing = 5,
+    /// A socket hook could not record a translated socket's peer; the connect or send was refused
+    /// rather than leave replies untranslatable.
+    SockRevNatFailed = 6,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         DropReason::Malformed,
         DropReason::NoBackend,
@@ -36,6 +39,7 @@ impl DropReason {
         DropReason::NatFailed,
         DropReason::RejectFailed,
         DropReason::BackendMissing,
+        DropReason::SockRevNatFailed,
     ];
 
     /// Stable label for metrics and reports.
@@ -48,6 +52,7 @@ impl DropReason {
             DropReason::NatFailed => "nat_failed",
             DropReason::RejectFailed => "reject_failed",
             DropReason::BackendMissing => "backend_missing",
+            DropReason::SockRevNatFailed => "sock_revnat_failed",
         }
     }
 }

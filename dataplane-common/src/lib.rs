@@ -8,6 +8,8 @@
 //!  DROPS     per-CPU [DropReason] --> packets
 //!  SVC_STATS per-CPU [rev_nat_id] --> {packets, bytes}
 //!  CLOCK     [0] --> CLOCK_MONOTONIC ns, written by the agent (conntrack timestamps)
+//!  SOCK_REVNAT {cookie, backend addr, port} --> {frontend addr, port, rev_nat_id} (socket hooks)
+//!  NODE      [0] --> {node netns cookie}, written by the agent
 //! ```
 //!
 //! One module per map family (`service`, `backend`, `ct`, `counters`), re-exported here. Every
@@ -20,11 +22,13 @@ pub mod backend;
 pub mod counters;
 pub mod ct;
 pub mod service;
+pub mod sock;
 
 pub use backend::*;
 pub use counters::*;
 pub use ct::*;
 pub use service::*;
+pub use sock::*;
 
 /// Map names. The suffix is the layout version: bump it when a key or value layout changes.
 pub mod map_names {
@@ -34,6 +38,8 @@ pub mod map_names {
     pub const DROPS: &str = "DROPS_V1";
     pub const SVC_STATS: &str = "SVC_STATS_V1";
     pub const CLOCK: &str = "CLOCK_V1";
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT_V1";
+    pub const NODE: &str = "NODE_V1";
 }
 
 /// Program names as they appear in the eBPF object.
@@ -42,11 +48,20 @@ pub mod prog_names {
     pub const FROM_POD: &str = "from_pod";
     /// TC egress on a pod's host-side interface: packets delivered to the pod.
     pub const TO_POD: &str = "to_pod";
+    /// cgroup connect4: a node process's TCP connect or UDP connect to a Service frontend.
+    pub const CONNECT4: &str = "sock_connect4";
+    /// cgroup sendmsg4: a node process's unconnected UDP datagram to a Service frontend.
+    pub const SENDMSG4: &str = "sock_sendmsg4";
+    /// cgroup recvmsg4: a reply on a translated socket shows the frontend as its source.
+    pub const RECVMSG4: &str = "sock_recvmsg4";
+    /// cgroup getpeername4: a translated socket's peer shows as the frontend.
+    pub const GETPEERNAME4: &str = "sock_getpeername4";
 }
 
 pub const MAX_SERVICE_ENTRIES: u32 = 1 << 20;
 pub const MAX_BACKENDS: u32 = 1 << 18;
 pub const MAX_CONNTRACK: u32 = 1 << 18;
+pub const MAX_SOCK_REVNAT: u32 = 1 << 18;
 /// Reverse-NAT ids index `SVC_STATS`; id 0 is never allocated.
 pub const MAX_REV_NAT_IDS: u32 = 1 << 16;
 

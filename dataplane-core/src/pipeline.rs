@@ -32,6 +32,7 @@ pub struct Applied {
 #[derive(Debug, Default)]
 pub struct KernelReadings<'a> {
     pub interfaces: Vec<String>,
+    pub cgroups: Vec<String>,
     pub drops: BTreeMap<&'static str, u64>,
     pub service_stats: Option<&'a HashMap<u16, SvcStats>>,
     pub conntrack_entries: u64,
@@ -145,6 +146,7 @@ impl Pipeline {
                 ),
             ]),
             interfaces: kernel.interfaces,
+            cgroups: kernel.cgroups,
             errors: by_label(self.errors.clone()),
             drops: by_label(kernel.drops),
             sync_latency: self.sync_latency.clone(),

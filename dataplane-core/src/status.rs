@@ -80,6 +80,9 @@ pub struct Status {
     pub backends: usize,
     pub maps: BTreeMap<Label, MapUsage>,
     pub interfaces: Vec<String>,
+    /// The cgroups the socket hooks are attached to.
+    #[serde(default)]
+    pub cgroups: Vec<String>,
     /// Problems by label: skipped objects, map write and attach failures.
     pub errors: BTreeMap<Label, u64>,
     pub drops: BTreeMap<Label, u64>,

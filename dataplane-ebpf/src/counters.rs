@@ -16,6 +16,19 @@ pub fn verdict(result: Result<i32, DropReason>) -> i32 {
     }
 }
 
+/// A socket hook's verdict: its own on `Ok`; on `Err` the syscall fails (EPERM) and the reason
+/// is counted.
+#[inline(always)]
+pub fn sock_verdict(result: Result<i32, DropReason>) -> i32 {
+    match result {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            count_drop(reason);
+            0
+        }
+    }
+}
+
 #[inline(always)]
 pub fn count_drop(reason: DropReason) {
     if let Some(counter) = DROPS.get_ptr_mut(reason as u32) {

@@ -1,11 +1,14 @@
-//! Service translation on each local pod's host-side interface. Entry points only: each calls its
-//! hook's `try_*` pipeline (`path/`) and turns an `Err(DropReason)` into `TC_ACT_SHOT` plus a
-//! per-CPU drop counter (`counters::verdict`).
+//! Service translation on each local pod's host-side interface, and at the socket for the node's
+//! own processes. Entry points only: each calls its hook's pipeline (`path/`) and turns an
+//! `Err(DropReason)` into the hook's failure verdict plus a per-CPU drop counter
+//! (`counters::verdict`, `counters::sock_verdict`).
 //!
 //! ```text
 //!   pod eth0 ==veth== host side (lxc*)
 //!                      |- TC ingress  `from_pod`: path::pod::try_from_pod
 //!                      '- TC egress   `to_pod`:   path::pod::try_to_pod
+//!   node cgroup v2     |- connect4, sendmsg4:     path::sock::try_forward
+//!                      '- recvmsg4, getpeername4: path::sock::reverse
 //! ```
 //!
 //! Stages, each in its own module and free of any hook's control flow, reach the packet through
@@ -25,7 +28,10 @@ mod parse;
 mod path;
 mod reject;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
@@ -35,6 +41,26 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
     counters::verdict(path::pod::try_to_pod(&ctx))
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    counters::sock_verdict(path::sock::try_forward(&ctx))
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    counters::sock_verdict(path::sock::try_forward(&ctx))
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    path::sock::reverse(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    path::sock::reverse(&ctx)
 }
 
 #[cfg(not(test))]

@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     Backend, CtKey, CtValue, DropReason, MAX_BACKENDS, MAX_CONNTRACK, MAX_REV_NAT_IDS,
-    MAX_SERVICE_ENTRIES, ServiceKey, ServiceValue, SvcStats,
+    MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, NodeConfig, ServiceKey, ServiceValue, SockRevKey,
+    SockRevValue, SvcStats,
 };
 
 /// Service frontends: slot 0 is the header, slots 1..=count the backend ids. Written by the agent.
@@ -37,3 +38,14 @@ pub static SVC_STATS: PerCpuArray<SvcStats> = PerCpuArray::with_max_entries(MAX_
 /// slot is a few instructions where a clock helper is a call (costly with return-thunk mitigations).
 #[map(name = "CLOCK_V1")]
 pub static CLOCK: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Per translated socket, the frontend its backend peer stands for (socket hooks). Written by the
+/// connect4/sendmsg4 hooks, read by recvmsg4/getpeername4; pinned with the agent's `--bpffs` so
+/// sockets opened before a restart keep their reverse translation.
+#[map(name = "SOCK_REVNAT_V1")]
+pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::with_max_entries(MAX_SOCK_REVNAT, 0);
+
+/// This node's settings for the socket hooks (its netns cookie). Written by the agent at load.
+#[map(name = "NODE_V1")]
+pub static NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);

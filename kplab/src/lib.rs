@@ -10,6 +10,7 @@
 //! between two lab namespaces. Names carry a per-run prefix (`<base>-<run id>-`); `down` (and `up`,
 //! before it starts) removes every namespace of the base, so a crashed lab is cleaned too.
 mod api;
+pub mod cgroup;
 mod cluster;
 pub mod demo;
 mod matrix;
@@ -97,6 +98,10 @@ pub struct NodeState {
     pub spec: NodeSpec,
     pub netns: String,
     pub agent_pid: u32,
+    /// The node's cgroup v2 directory (created by the lab): its agent and its node-side clients
+    /// run there, and the agent's socket hooks attach there.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -175,6 +180,24 @@ impl State {
             return Ok(&x.netns);
         }
         bail!("{who:?} is not a pod (ns/name), node or external host of the lab")
+    }
+
+    /// Moves this process into `who`'s place: its network namespace and, for a node, its cgroup
+    /// (where the node's socket hooks see it). The calling thread changes namespace; the whole
+    /// process changes cgroup, so only a short-lived command (a probe) does this.
+    ///
+    /// # Errors
+    /// `who` is unknown, or the namespace or cgroup cannot be entered.
+    pub fn enter(&self, who: &str) -> anyhow::Result<()> {
+        if let Some(cg) = self
+            .nodes
+            .iter()
+            .find(|n| n.spec.name == who)
+            .and_then(|n| n.cgroup.as_ref())
+        {
+            cgroup::join(cg)?;
+        }
+        netns::enter(self.netns_of(who)?)
     }
 }
 
@@ -296,13 +319,19 @@ pub fn up(
     state.save()?;
     let result = (|| {
         topology::mount_bpffs(&home().join("bpf"))?;
+        cgroup::mount_at(&home().join("cgroup"))?;
         topology::create_underlay(&state.prefix)?;
         for spec in &cluster.nodes {
             let netns = topology::create_node(&state.prefix, spec, &cluster.nodes)?;
+            let cgroup = cgroup::create(
+                &home().join("cgroup"),
+                &format!("{}/{}", state.prefix, spec.name),
+            )?;
             state.nodes.push(NodeState {
                 spec: spec.clone(),
                 netns,
                 agent_pid: 0,
+                cgroup: Some(cgroup),
             });
             state.save()?;
         }
@@ -382,7 +411,7 @@ fn spawn_lab_server(pod: &PodSpec, netns: &str, log: &Path, kplab: &Path) -> any
     for p in &pod.udp {
         args.extend(["--udp".to_owned(), p.to_string()]);
     }
-    topology::spawn_in(Some(netns), kplab, &args, log)
+    topology::spawn_in(Some(netns), None, kplab, &args, log)
 }
 
 fn node_netns(state: &State, node: &str) -> anyhow::Result<String> {
@@ -402,7 +431,7 @@ fn start_agent(node: &NodeState, agent: &Path, kubernetes: bool) -> anyhow::Resu
     } else {
         ("--manifests", home().join("manifests"))
     };
-    let args = [
+    let mut args = vec![
         "run".to_owned(),
         "--node-name".to_owned(),
         node.spec.name.clone(),
@@ -417,7 +446,16 @@ fn start_agent(node: &NodeState, agent: &Path, kubernetes: bool) -> anyhow::Resu
             .display()
             .to_string(),
     ];
-    topology::spawn_in(Some(&node.netns), agent, &args, &dir.join("agent.log"))
+    if let Some(cg) = &node.cgroup {
+        args.extend(["--socket-cgroup".to_owned(), cg.display().to_string()]);
+    }
+    topology::spawn_in(
+        Some(&node.netns),
+        node.cgroup.as_deref(),
+        agent,
+        &args,
+        &dir.join("agent.log"),
+    )
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -444,6 +482,7 @@ fn start_relays(state: &mut State, kubeconfig: &Path, kplab: &Path) -> anyhow::R
     };
     let host = topology::spawn_in(
         None,
+        None,
         kplab,
         &relay(&sock, &format!("tcp:{server}")),
         &home().join("relay-host.log"),
@@ -454,6 +493,7 @@ fn start_relays(state: &mut State, kubeconfig: &Path, kplab: &Path) -> anyhow::R
         let log = home().join("nodes").join(&node.spec.name).join("relay.log");
         state.relay_pids.push(topology::spawn_in(
             Some(&node.netns),
+            None,
             kplab,
             &relay(&local, &sock),
             &log,
@@ -699,6 +739,7 @@ pub fn down() -> anyhow::Result<()> {
         }
     }
     let removed = topology::remove_namespaces(&lab_name())?;
+    topology::remove_cgroups(&lab_name())?;
     topology::unmount_below(&home())?;
     if home().exists() {
         std::fs::remove_dir_all(home())?;

@@ -140,7 +140,7 @@ pub fn once(proto: &str, to: SocketAddr, timeout: Duration) -> anyhow::Result<Pr
 /// No lab, an unknown source, or a probe that could not run.
 pub fn main(args: &ProbeArgs) -> anyhow::Result<()> {
     let state = State::load()?;
-    crate::netns::enter(state.netns_of(&args.from)?)?;
+    state.enter(&args.from)?;
     let timeout = Duration::from_millis(args.timeout_ms);
     let mut out = std::io::stdout().lock();
     for _ in 0..args.count.max(1) {

@@ -149,5 +149,5 @@ pub fn spawn_real(
         ],
         other => anyhow::bail!("pod {}: unknown server {other:?}", pod.key),
     };
-    super::topology::spawn_in(Some(netns), std::path::Path::new(server), &args, log)
+    super::topology::spawn_in(Some(netns), None, std::path::Path::new(server), &args, log)
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use super::{NodeSpec, PodSpec, PodState};
-use crate::netns;
+use crate::{cgroup, netns};
 
 /// The pods' default gateway, answered by a static neighbour entry (as Calico does).
 const POD_GATEWAY: &str = "169.254.1.1";
@@ -282,6 +282,7 @@ pub fn delete_pod(pod: &PodState) -> anyhow::Result<()> {
 /// from this process (own session), with its output in `log`. Returns its pid.
 pub fn spawn_in(
     netns: Option<&str>,
+    cgroup: Option<&Path>,
     program: &Path,
     args: &[String],
     log: &Path,
@@ -293,6 +294,9 @@ pub fn spawn_in(
         None => Command::new(program),
     };
     cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    if let Some(cg) = cgroup {
+        cgroup::spawn_into(&mut cmd, cg)?;
+    }
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
     unsafe {
         cmd.pre_exec(|| {
@@ -348,6 +352,24 @@ pub fn stop(pids: impl IntoIterator<Item = u32>) {
 /// The namespaces of every lab with this base name (any run).
 pub fn lab_namespaces(base: &str) -> anyhow::Result<Vec<String>> {
     netns::list(&format!("{base}-"))
+}
+
+/// Removes every cgroup of the base (any run), with the processes left in them. Only directories
+/// named `<base>-*` directly below the cgroup2 mount, which only the lab creates, are touched.
+///
+/// # Errors
+/// A cgroup could not be removed.
+pub fn remove_cgroups(base: &str) -> anyhow::Result<()> {
+    let Ok(mount) = cgroup::mount() else {
+        return Ok(());
+    };
+    let prefix = format!("{base}-");
+    for entry in std::fs::read_dir(&mount)?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) && entry.path().is_dir() {
+            cgroup::remove(&entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Stops the processes in, and deletes, every namespace of the base. Returns how many.

@@ -380,6 +380,73 @@ impl Held {
 }
 
 #[test]
+fn node_clients_reach_cluster_ips_at_the_socket_and_see_the_service_address() {
+    let lab = Lab::up();
+    let mount = kplab::cgroup::mount().unwrap();
+    let lab_root = std::path::PathBuf::from(format!("/run/{LAB}/cgroup"));
+    let state = lab.state();
+    for node in state["nodes"].as_array().unwrap() {
+        let cg = Path::new(node["cgroup"].as_str().expect("every node has its cgroup"));
+        let below = cg
+            .strip_prefix(&lab_root)
+            .expect("a cgroup below the lab's own cgroup2 mount");
+        assert!(
+            below.to_string_lossy().starts_with(&format!("{LAB}-"))
+                && below.components().count() == 2,
+            "{}: <lab>-<run>/<node>, never the root",
+            cg.display()
+        );
+    }
+    let all_web: std::collections::BTreeSet<String> =
+        ["t/web-1", "t/web-2", "t/web-3"].map(String::from).into();
+    let all_echo: std::collections::BTreeSet<String> =
+        ["t/echo-1", "t/echo-2"].map(String::from).into();
+    for (node, ip) in [("node-a", "172.31.0.2"), ("node-b", "172.31.0.3")] {
+        let tcp = probe(node, WEB_VIP, "tcp", 40);
+        assert!(
+            tcp.iter().all(|r| r["result"] == "connected"),
+            "{node}: {tcp:?}"
+        );
+        assert_eq!(backends(&tcp), all_web, "{node}: every ready web backend");
+        assert!(
+            tcp.iter().all(|r| r["client_seen"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{ip}:"))),
+            "{node}: the backend sees the node's address: {tcp:?}"
+        );
+        let udp = probe(node, ECHO_VIP, "udp", 30);
+        assert!(
+            udp.iter().all(|r| r["result"] == "connected"),
+            "{node}: {udp:?}"
+        );
+        assert_eq!(backends(&udp), all_echo, "{node}: every echo backend");
+        let empty = probe(node, "10.97.0.99:80", "tcp", 1);
+        assert_eq!(empty[0]["result"], "refused", "{node}: {empty:?}");
+    }
+    for node in state["nodes"].as_array().unwrap() {
+        let name = node["spec"]["name"].as_str().unwrap();
+        let agent: Value = serde_json::from_slice(
+            &std::fs::read(format!("/run/{LAB}/nodes/{name}/status.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            agent["cgroups"],
+            json!([node["cgroup"]]),
+            "{name}: the agent's socket hooks are on its node's cgroup"
+        );
+    }
+    drop(lab);
+    let left: Vec<String> = std::fs::read_dir(&mount)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("{LAB}-")))
+        .collect();
+    assert!(left.is_empty(), "down removes the lab's cgroups: {left:?}");
+}
+
+#[test]
 fn endpoints_turned_not_ready_or_removed_get_no_new_connections_while_existing_ones_finish() {
     let lab = Lab::up();
     let netns = lab.netns("client-a");

@@ -1,2 +1,3 @@
 //! One `try_*` pipeline per hook; each returns the verdict its entry point turns into an action.
 pub mod pod;
+pub mod sock;

@@ -38,7 +38,8 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         }
     }
 
-    let Some(header) = lb::lookup(&pkt) else {
+    let frontend = lb::Frontend::of(&pkt);
+    let Some(header) = lb::lookup(&frontend) else {
         ct::forget_reused_tuple(&pkt);
         return Ok(TC_ACT_OK);
     };
@@ -47,7 +48,7 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         count_drop(DropReason::NoBackend);
         return reject::reply(ctx, &pkt);
     }
-    let (backend_id, backend) = lb::pick(&pkt, &header)?;
+    let (backend_id, backend) = lb::pick(&frontend, &header)?;
 
     let is_hairpin = backend.addr == pkt.saddr;
     let (flags, client_addr) = if is_hairpin {

@@ -1,0 +1,54 @@
+//! The socket-level maps: `SOCK_REVNAT` (per socket, the Service frontend a translated peer stands
+//! for) and `NODE` (what the socket hooks need to know about this node).
+//!
+//! ```text
+//!  SOCK_REVNAT {socket cookie, backend addr, backend port} --> {frontend addr, port, rev_nat_id}
+//!  NODE        [0] --> {netns cookie of the node's own network namespace}
+//! ```
+
+/// Key of `SOCK_REVNAT`: a socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    /// Backend address, network byte order.
+    pub addr: u32,
+    /// Backend port, network byte order.
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// Value of `SOCK_REVNAT`: the frontend the socket addressed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockRevValue {
+    /// Frontend address, network byte order.
+    pub addr: u32,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    pub rev_nat_id: u16,
+}
+
+/// Value of `NODE`: sockets of other network namespaces (pods in a cgroup below the hooks') are
+/// left to the TC programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// `SO_NETNS_COOKIE` of the node's network namespace; 0 (unset) translates nothing.
+    pub netns_cookie: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SockRevValue>() == 8);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 8);
+
+#[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]`, `Copy`, explicit padding fields and no pointers: any bit pattern is a valid
+// value and the bytes can be shared with the kernel as they are.
+unsafe impl aya::Pod for SockRevKey {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for SockRevValue {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for NodeConfig {}

@@ -1,0 +1,111 @@
+//! Socket-level translation for processes in the node's own network namespace (hostNetwork pods,
+//! the kubelet, node agents), from cgroup v2 hooks: the Service frontend a socket connects or
+//! sends to becomes a backend before any packet exists, and the backend shows as the frontend
+//! wherever the socket reports its peer, so established flows pay nothing per packet.
+//!
+//! ```text
+//!  connect4  (TCP, connected UDP)  frontend -> backend, peer recorded in SOCK_REVNAT
+//!  sendmsg4  (unconnected UDP)     frontend -> backend, peer recorded in SOCK_REVNAT
+//!  recvmsg4  (UDP replies)         backend source -> frontend (resolvers accept the reply)
+//!  getpeername4                    backend -> frontend
+//! ```
+//!
+//! Sockets of other network namespaces are left alone (pods under the hooks' cgroup are the TC
+//! programs' business): `NODE` holds the node's netns cookie. A frontend with no ready endpoint
+//! refuses the connect or send with ECONNREFUSED, as kube-proxy's REJECT makes a client see.
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    programs::SockAddrContext,
+};
+use dataplane_common::{DropReason, PROTO_TCP, PROTO_UDP, SockRevKey, SockRevValue};
+
+use crate::counters::count_drop;
+use crate::lb::{self, Frontend};
+use crate::maps::{NODE, SOCK_REVNAT};
+
+/// The hook's verdict: let the syscall proceed.
+const PROCEED: i32 = 1;
+/// The hook's verdict: fail the syscall (with the errno set by `bpf_set_retval`, EPERM otherwise).
+const REFUSE: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+#[inline(always)]
+fn is_node_socket(ctx: &SockAddrContext) -> bool {
+    let Some(node) = NODE.get(0) else {
+        return false;
+    };
+    // SAFETY: helper call on the program's own context.
+    node.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == node.netns_cookie
+}
+
+/// connect4 and sendmsg4: a Service frontend as destination becomes one of its backends.
+#[inline(always)]
+pub fn try_forward(ctx: &SockAddrContext) -> Result<i32, DropReason> {
+    if !is_node_socket(ctx) {
+        return Ok(PROCEED);
+    }
+    // SAFETY: the kernel hands the hook a valid `bpf_sock_addr` for the duration of the run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let proto = sa.protocol as u8;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Ok(PROCEED);
+    }
+    let frontend = Frontend {
+        addr: sa.user_ip4,
+        port: sa.user_port as u16,
+        proto,
+    };
+    let Some(header) = lb::lookup(&frontend) else {
+        return Ok(PROCEED);
+    };
+    if header.count == 0 {
+        count_drop(DropReason::NoBackend);
+        // SAFETY: helper call; connect4 and sendmsg4 may set their return value.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return Ok(REFUSE);
+    }
+    let (_, backend) = lb::pick(&frontend, &header)?;
+    let key = SockRevKey {
+        // SAFETY: helper call on the program's own context.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr: backend.addr,
+        port: backend.port,
+        pad: 0,
+    };
+    let peer = SockRevValue {
+        addr: frontend.addr,
+        port: frontend.port,
+        rev_nat_id: header.rev_nat_id,
+    };
+    SOCK_REVNAT
+        .insert(key, peer, 0)
+        .map_err(|_| DropReason::SockRevNatFailed)?;
+    sa.user_ip4 = backend.addr;
+    sa.user_port = u32::from(backend.port);
+    Ok(PROCEED)
+}
+
+/// recvmsg4 and getpeername4: a translated socket's backend peer shows as the frontend. These
+/// hooks cannot fail a syscall; they only ever rewrite.
+#[inline(always)]
+pub fn reverse(ctx: &SockAddrContext) -> i32 {
+    if !is_node_socket(ctx) {
+        return PROCEED;
+    }
+    // SAFETY: as in `try_forward`.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let key = SockRevKey {
+        // SAFETY: helper call on the program's own context.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr: sa.user_ip4,
+        port: sa.user_port as u16,
+        pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    if let Some(peer) = unsafe { SOCK_REVNAT.get(key) }.copied() {
+        sa.user_ip4 = peer.addr;
+        sa.user_port = u32::from(peer.port);
+    }
+    PROCEED
+}
