@@ -24,8 +24,8 @@ pub struct PodSpec {
     pub ip: Ipv4Addr,
     pub tcp: Vec<u16>,
     pub udp: Vec<u16>,
-    /// A real server to run instead of the lab's own (annotation `kplab.dev/server`: `nginx`
-    /// on the first TCP port, or `iperf3`).
+    /// A real server to run instead of the lab's own (annotation `kplab.dev/server`: `nginx` or
+    /// `iperf3` on the first TCP port, `dnsmasq` on the first UDP port).
     #[serde(default)]
     pub server: Option<String>,
     /// The pod's labels: they change nothing the lab builds (see [`PodSpec::same_sandbox`]).

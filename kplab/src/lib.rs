@@ -51,6 +51,17 @@ pub enum LabCmd {
     Apply { dir: PathBuf },
     /// One probe (or --count probes): prints a JSON line per probe.
     Probe(probe::ProbeArgs),
+    /// Run a command as a lab pod, node or external host runs it: in its network namespace and,
+    /// for a node, its cgroup (where the node's socket hooks see it), e.g. `kplab exec --on node-a
+    /// -- dig @10.96.0.10 kubernetes.default.svc.cluster.local`. Exits with the command's status.
+    Exec {
+        /// A pod (ns/name), node or external host.
+        #[arg(long)]
+        on: String,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// Reachability table: pods x (pods and services) x ports.
     Matrix {
         /// Per-probe timeout in milliseconds.
@@ -201,6 +212,17 @@ impl State {
     }
 }
 
+/// `kplab exec`: replaces this process with `command`, placed as `who`.
+fn exec(who: &str, command: &[String]) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    require_root()?;
+    State::load()?.enter(who)?;
+    let err = std::process::Command::new(&command[0])
+        .args(&command[1..])
+        .exec();
+    Err(err).with_context(|| format!("running {}", command[0]))
+}
+
 /// Dispatches a lab command.
 ///
 /// # Errors
@@ -234,6 +256,7 @@ pub fn main(cmd: LabCmd) -> anyhow::Result<()> {
             apply(&dir)
         }
         LabCmd::Probe(args) => probe::main(&args),
+        LabCmd::Exec { on, command } => exec(&on, &command),
         LabCmd::Matrix { timeout_ms } => matrix::main(Duration::from_millis(timeout_ms)),
         LabCmd::Down => {
             require_root()?;

@@ -102,7 +102,9 @@ pub fn main(args: &ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Starts a real server in a pod's namespace: nginx answering every request on the pod's first
-/// TCP port with its name (no access log, one worker), or an iperf3 server on it.
+/// TCP port with its name (no access log, one worker), an iperf3 server on it, or dnsmasq
+/// serving DNS on the pod's first UDP port (UDP and TCP), answering `whoami.lab.` with the pod's
+/// own address (so a client can tell which backend answered).
 ///
 /// # Errors
 /// The pod has no TCP port, the server is unknown, or it could not be started.
@@ -113,13 +115,29 @@ pub fn spawn_real(
     home: &std::path::Path,
     log: &std::path::Path,
 ) -> anyhow::Result<u32> {
-    let port = *pod
-        .tcp
-        .first()
-        .with_context(|| format!("pod {} runs {server} but has no TCP port", pod.key))?;
+    let first = if server == "dnsmasq" {
+        pod.udp.first()
+    } else {
+        pod.tcp.first()
+    };
+    let port =
+        *first.with_context(|| format!("pod {} runs {server} but has no port for it", pod.key))?;
     let dir = home.join("pods").join(pod.key.replace('/', "."));
     std::fs::create_dir_all(&dir)?;
     let args: Vec<String> = match server {
+        "dnsmasq" => vec![
+            "--keep-in-foreground".into(),
+            "--conf-file=/dev/null".into(),
+            "--no-resolv".into(),
+            "--no-hosts".into(),
+            "--bind-interfaces".into(),
+            format!("--listen-address={}", pod.ip),
+            format!("--port={port}"),
+            format!("--address=/whoami.lab/{}", pod.ip),
+            format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
+            "--user=root".into(),
+            "--log-facility=-".into(),
+        ],
         "nginx" => {
             let d = dir.display();
             let conf = format!(

@@ -126,6 +126,15 @@ impl Lab {
 
     /// A lab with extra pods, its objects in the API server of `kubeconfig` if given.
     fn start(kubeconfig: Option<&Path>, extra: &[(&str, &str, &str, &str)]) -> Lab {
+        Lab::start_with_files(kubeconfig, extra, &[])
+    }
+
+    /// As [`Lab::start`], with more manifest files (name, content) beside the test cluster's.
+    fn start_with_files(
+        kubeconfig: Option<&Path>,
+        extra: &[(&str, &str, &str, &str)],
+        files: &[(&str, &str)],
+    ) -> Lab {
         // SAFETY: plain syscall.
         assert_eq!(
             unsafe { libc::geteuid() },
@@ -139,6 +148,9 @@ impl Lab {
         let lab = Lab { dir, _lock: lock };
         let m = lab.dir.path().join("m0");
         manifests(&m, Some(ALL_WEB), ECHO_SERVICE, extra);
+        for (name, content) in files {
+            std::fs::write(m.join(name), content).unwrap();
+        }
         let mut args = vec![
             "up",
             "--manifests",
@@ -444,6 +456,69 @@ fn node_clients_reach_cluster_ips_at_the_socket_and_see_the_service_address() {
         .filter(|n| n.starts_with(&format!("{LAB}-")))
         .collect();
     assert!(left.is_empty(), "down removes the lab's cgroups: {left:?}");
+}
+
+/// Two dnsmasq pods (Debian's) behind a kube-dns-style Service on UDP and TCP 53.
+const CLUSTER_DNS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: dns-1, namespace: t, annotations: {kplab.dev/server: dnsmasq}}\n\
+     spec: {nodeName: node-a, containers: [{name: c, image: dnsmasq, ports: [{containerPort: 53, protocol: UDP}, {containerPort: 53, protocol: TCP}]}]}\n\
+     status: {podIP: 10.245.1.53}\n---\n\
+     apiVersion: v1\nkind: Pod\nmetadata: {name: dns-2, namespace: t, annotations: {kplab.dev/server: dnsmasq}}\n\
+     spec: {nodeName: node-b, containers: [{name: c, image: dnsmasq, ports: [{containerPort: 53, protocol: UDP}, {containerPort: 53, protocol: TCP}]}]}\n\
+     status: {podIP: 10.245.2.53}\n---\n\
+     apiVersion: v1\nkind: Service\nmetadata: {name: kube-dns, namespace: t}\n\
+     spec: {clusterIP: 10.97.0.100, ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]}\n---\n\
+     apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+     metadata: {name: kube-dns-x, namespace: t, labels: {kubernetes.io/service-name: kube-dns}}\n\
+     addressType: IPv4\nports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]\n\
+     endpoints: [{addresses: [10.245.1.53]}, {addresses: [10.245.2.53]}]\n";
+
+/// `dig` run as `who` (`kplab exec`): the answers to `whoami.lab.` from the cluster DNS Service.
+fn dig(who: &str, tcp: bool, queries: usize) -> Vec<String> {
+    let mut args = vec![
+        "exec",
+        "--on",
+        who,
+        "--",
+        "dig",
+        "@10.97.0.100",
+        "+short",
+        "+tries=1",
+        "+time=2",
+    ];
+    if tcp {
+        args.push("+tcp");
+    }
+    let names = vec!["whoami.lab."; queries];
+    args.extend(names);
+    ok(kplab(&args)).lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn cluster_dns_through_the_service_from_pods_and_nodes_over_udp_and_tcp() {
+    let _lab = Lab::start_with_files(None, &[], &[("dns.yaml", CLUSTER_DNS)]);
+    let both: std::collections::BTreeSet<String> =
+        ["10.245.1.53", "10.245.2.53"].map(String::from).into();
+    for who in ["t/client-a", "t/client-b", "node-a", "node-b"] {
+        for tcp in [false, true] {
+            let answers = dig(who, tcp, 20);
+            assert_eq!(
+                answers.len(),
+                20,
+                "{who} tcp={tcp}: one answer per query: {answers:?}"
+            );
+            let seen: std::collections::BTreeSet<String> = answers.into_iter().collect();
+            assert!(
+                seen.is_subset(&both) && !seen.is_empty(),
+                "{who} tcp={tcp}: answers come from the dns pods: {seen:?}"
+            );
+        }
+    }
+    // One dig process sends its queries from one socket: across several runs both backends answer.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        seen.extend(dig("node-a", false, 1));
+    }
+    assert_eq!(seen, both, "queries from a node spread over both dns pods");
 }
 
 #[test]

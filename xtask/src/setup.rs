@@ -27,10 +27,12 @@ const APT_PACKAGES: &[&str] = &[
     "mmdebstrap",
     "podman",
     "runc",
-    // The benchmark: real servers and load generators in lab pods.
+    // The benchmark and the lab tests: real servers and clients in lab pods and nodes.
     "nginx",
     "wrk",
     "iperf3",
+    "dnsmasq-base",
+    "bind9-dnsutils",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
