@@ -1,8 +1,9 @@
 //! `kplab demo --manifests DIR` (`cargo xtask demo` runs it on `examples/demo`): a lab from DIR,
 //! real probes from every client pod (a pod no Service selects) to every port of every Service, a
 //! short report (which backends answered, how evenly, from where, whether the client address was
-//! preserved, that Services without endpoints refuse), then teardown. Every address, port and
-//! name probed comes from DIR.
+//! preserved, that Services without endpoints refuse), the same Services from each node's own
+//! network namespace (a hostNetwork client, translated by the node's socket hooks), then teardown.
+//! Every address, port and name probed comes from DIR.
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -14,6 +15,8 @@ use anyhow::bail;
 use crate::{State, agent_status, probe};
 
 const CONNECTIONS: u32 = 60;
+/// Probes per Service port from each node's own namespace.
+const NODE_PROBES: u32 = 20;
 const TIMEOUT: Duration = Duration::from_secs(1);
 
 struct Tally {
@@ -88,6 +91,46 @@ fn pod_at(state: &State, addr: &str) -> String {
         .iter()
         .find(|p| p.spec.ip.to_string() == ip)
         .map_or_else(|| addr.to_owned(), |p| p.spec.key.clone())
+}
+
+/// Probes from a node's own namespace and cgroup. A process joins a cgroup whole, so they run in
+/// a `kplab probe` child, not in a thread of the demo.
+fn tally_from_node(
+    node: &str,
+    proto: &str,
+    to: SocketAddr,
+    count: u32,
+) -> anyhow::Result<BTreeMap<String, u32>> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "probe",
+            "--from",
+            node,
+            "--to",
+            &to.to_string(),
+            "--proto",
+            proto,
+        ])
+        .args(["--timeout-ms", &TIMEOUT.as_millis().to_string()])
+        .args(["--count", &count.to_string()])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "probe from {node}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let mut results = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let r: serde_json::Value = serde_json::from_str(line)?;
+        let key = match r["result"].as_str() {
+            Some("connected") => r["backend"].as_str().unwrap_or("?").to_owned(),
+            Some(other) => other.to_owned(),
+            None => "?".to_owned(),
+        };
+        *results.entry(key).or_default() += 1;
+    }
+    Ok(results)
 }
 
 /// One client's line and per-backend histogram for one Service port; returns the fewest answers
@@ -223,6 +266,42 @@ fn report(state: &State) -> anyhow::Result<(String, Vec<String>)> {
         }
     }
 
+    writeln!(
+        out,
+        "\n== From the nodes' own network namespaces (hostNetwork clients; socket hooks) =="
+    )?;
+    for n in &state.nodes {
+        for svc in &state.services {
+            for (port, proto) in &svc.ports {
+                let frontend = format!("{}:{port}/{}", svc.ip, proto.to_uppercase());
+                let Some(backends) = programmed.get(&frontend).filter(|b| !b.is_empty()) else {
+                    continue;
+                };
+                let to = SocketAddr::from((svc.ip, *port));
+                let answers = tally_from_node(&n.spec.name, proto, to, NODE_PROBES)?;
+                let connected: u32 = answers
+                    .iter()
+                    .filter(|(b, _)| backends.contains(b))
+                    .map(|(_, c)| c)
+                    .sum();
+                let by: Vec<String> = answers.iter().map(|(b, c)| format!("{b} {c}")).collect();
+                writeln!(
+                    out,
+                    "from node {} to {} {frontend}: {connected}/{NODE_PROBES} answered by ready backends ({})",
+                    n.spec.name,
+                    svc.key,
+                    by.join(", ")
+                )?;
+                if connected != NODE_PROBES {
+                    problems.push(format!(
+                        "{frontend} from node {}: {connected}/{NODE_PROBES} answered by ready backends",
+                        n.spec.name
+                    ));
+                }
+            }
+        }
+    }
+
     let mut last = None;
     for (key, proto, to) in empty {
         let how = if proto == "tcp" {
@@ -307,6 +386,9 @@ pub fn run(manifests: &Path) -> anyhow::Result<()> {
     if problems.is_empty() {
         println!(
             "\nverdict: every ready backend answered every client pod, client addresses preserved, every Service without endpoints refused"
+        );
+        println!(
+            "verdict: every Service port answered from every node's own namespace, by ready backends only"
         );
         Ok(())
     } else {

@@ -55,4 +55,21 @@ fn the_demo_reaches_every_ready_backend_from_both_nodes_and_the_empty_service_re
         from.iter()
             .any(|l| l.starts_with("from demo/client-b (node-b)"))
     );
+    assert!(
+        report.contains(
+            "verdict: every Service port answered from every node's own namespace, by ready backends only"
+        ),
+        "{report}"
+    );
+    let nodes: Vec<&str> = report
+        .lines()
+        .filter(|l| l.starts_with("from node "))
+        .collect();
+    assert_eq!(nodes.len(), 6, "3 Service ports x 2 nodes: {nodes:?}");
+    for line in &nodes {
+        assert!(
+            line.contains(": 20/20 answered by ready backends"),
+            "{line}"
+        );
+    }
 }
