@@ -50,6 +50,8 @@ pub enum LabOutcome {
         gbps: f64,
         /// Seconds to program the mode (lab up for ours, the rules load for the baselines).
         load_s: Option<f64>,
+        /// A client in the node's own namespace (hostNetwork), paired against direct.
+        node: Paired,
     },
     NotLoaded {
         note: String,
@@ -205,35 +207,107 @@ fn one_request(to: SocketAddr) -> std::io::Result<f64> {
 /// by 60 s. More than 1% failed connections fails the measurement: such a mode is broken, not slow.
 fn latency(ns: &str, targets: &[SocketAddr], count: usize) -> anyhow::Result<(f64, f64)> {
     let targets = targets.to_vec();
-    let samples = in_netns(ns, move || -> anyhow::Result<Vec<f64>> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        for to in targets.iter().cycle().take(50) {
+    let mut s = in_netns(ns, move || samples(&[targets], count))??.remove(0);
+    Ok((percentile(&mut s, 0.5), percentile(&mut s, 0.99)))
+}
+
+/// New connections (each with one request) in rounds: one to each target list in turn per round
+/// (a list's targets used round-robin), so every list is measured under the same conditions,
+/// paired. After a warm-up; bounded by 60 s; more than 1% failures fails the measurement.
+fn samples(lists: &[Vec<SocketAddr>], count: usize) -> anyhow::Result<Vec<Vec<f64>>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for list in lists {
+        for to in list.iter().cycle().take(50) {
             let _ = one_request(*to);
         }
-        let mut us = Vec::with_capacity(count);
-        let mut failed = Vec::new();
-        for to in targets.iter().cycle() {
-            if us.len() + failed.len() >= count || Instant::now() >= deadline {
-                break;
-            }
-            match one_request(*to) {
+    }
+    let mut out = vec![Vec::with_capacity(count); lists.len()];
+    let mut failed = Vec::new();
+    for round in 0..count {
+        if Instant::now() >= deadline {
+            break;
+        }
+        for (list, us) in lists.iter().zip(&mut out) {
+            let to = list[round % list.len()];
+            match one_request(to) {
                 Ok(t) => us.push(t),
                 Err(e) => failed.push(format!("{to}: {e}")),
             }
         }
-        if failed.len() * 100 > count {
-            bail!(
-                "{} of {count} connections failed: {:?}",
-                failed.len(),
-                &failed[..failed.len().min(5)]
-            );
-        }
-        Ok(us)
-    })??;
-    let mut s = samples;
+    }
+    if failed.len() * 100 > count * lists.len() {
+        bail!(
+            "{} of {} connections failed: {:?}",
+            failed.len(),
+            count * lists.len(),
+            &failed[..failed.len().min(5)]
+        );
+    }
+    if out.iter().any(Vec::is_empty) {
+        bail!("no connection succeeded");
+    }
+    Ok(out)
+}
+
+fn percentile(s: &mut [f64], q: f64) -> f64 {
     s.sort_by(f64::total_cmp);
-    let at = |q: f64| s[((s.len() - 1) as f64 * q).round() as usize];
-    Ok((at(0.5), at(0.99)))
+    s[((s.len() - 1) as f64 * q).round() as usize]
+}
+
+/// A node client's paired figures: through the Service address and to the backends' own.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Paired {
+    pub service_p50_us: f64,
+    pub service_p99_us: f64,
+    pub direct_p50_us: f64,
+    /// Median of (through the Service - direct) over the pairs of one round each.
+    pub overhead_p50_us: f64,
+    /// Interquartile range of those differences: the spread the overhead is judged against.
+    pub overhead_iqr_us: f64,
+}
+
+/// `bench connect` (run by [`node_latency`] inside a node's namespace and cgroup): paired new
+/// connections to `service` and to `direct` (round-robin).
+///
+/// # Errors
+/// Too many connections failed.
+pub fn paired(service: SocketAddr, direct: &[SocketAddr], count: usize) -> anyhow::Result<Paired> {
+    let s = samples(&[vec![service], direct.to_vec()], count)?;
+    let mut diffs: Vec<f64> = s[0].iter().zip(&s[1]).map(|(a, b)| a - b).collect();
+    let (mut svc, mut dir) = (s[0].clone(), s[1].clone());
+    let q1 = percentile(&mut diffs, 0.25);
+    let q3 = percentile(&mut diffs, 0.75);
+    Ok(Paired {
+        service_p50_us: percentile(&mut svc, 0.5),
+        service_p99_us: percentile(&mut svc, 0.99),
+        direct_p50_us: percentile(&mut dir, 0.5),
+        overhead_p50_us: percentile(&mut diffs, 0.5),
+        overhead_iqr_us: q3 - q1,
+    })
+}
+
+/// Paired latency from a node's own namespace and cgroup (a hostNetwork client): this program's
+/// `connect` step run through `kplab exec --on NODE`, to `service` and to the web pods.
+fn node_latency(node: &str, service: SocketAddr, p: &Plan, count: usize) -> anyhow::Result<Paired> {
+    let me = std::env::current_exe()?;
+    let kplab = std::env::var_os("KPLAB_BIN")
+        .map_or_else(|| me.with_file_name("kplab"), std::path::PathBuf::from);
+    let direct: Vec<String> = p.web_pods.iter().map(ToString::to_string).collect();
+    let out = std::process::Command::new(kplab)
+        .args(["exec", "--on", node, "--"])
+        .arg(&me)
+        .args(["connect", "--service", &service.to_string()])
+        .args(["--direct", &direct.join(",")])
+        .args(["--count", &count.to_string()])
+        .output()
+        .context("starting kplab exec")?;
+    if !out.status.success() {
+        bail!(
+            "node client on {node}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("reading the node client's figures")
 }
 
 /// Requests per second from wrk (8 keep-alive connections, one thread) for `seconds`.
@@ -290,6 +364,7 @@ fn load(ns: &str, loader: &[&str], file: &Path, cap: u64) -> anyhow::Result<Opti
 struct Where {
     client: String,
     node: String,
+    node_name: String,
 }
 
 fn locate(plan: &Plan) -> anyhow::Result<Where> {
@@ -304,6 +379,7 @@ fn locate(plan: &Plan) -> anyhow::Result<Where> {
     Ok(Where {
         client,
         node: state.nodes[0].netns.clone(),
+        node_name: state.nodes[0].spec.name.clone(),
     })
 }
 
@@ -332,6 +408,9 @@ fn measure(
     };
     let rps = wrk(&at.client, &format!("http://{web}/"), o.seconds)?;
     let gbps = iperf(&at.client, iperf_ip, o.seconds)?;
+    // Direct: pod against pod, the pairing's own noise floor.
+    let node_target = if direct { p.web_direct } else { p.web_vip };
+    let node = node_latency(&at.node_name, node_target, p, o.connections)?;
     Ok(LabRow {
         services: p.services,
         mode: mode.to_owned(),
@@ -343,6 +422,7 @@ fn measure(
             rps,
             gbps,
             load_s,
+            node,
         },
     })
 }

@@ -34,6 +34,17 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Paired new connections through a Service address and to its backends' own (the lab runs
+    /// it inside a node's namespace and cgroup); prints the figures as JSON.
+    #[command(hide = true)]
+    Connect {
+        #[arg(long)]
+        service: std::net::SocketAddr,
+        #[arg(long, value_delimiter = ',')]
+        direct: Vec<std::net::SocketAddr>,
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+    },
     /// Everything, side by side with kube-proxy's modes, and the report (what `cargo xtask
     /// bench` runs).
     All(all::BenchArgs),
@@ -59,6 +70,15 @@ fn main() -> anyhow::Result<()> {
                 results.push(testrun::measure(n, endpoints, runs)?);
             }
             write_json(&out, &results)
+        }
+        Cmd::Connect {
+            service,
+            direct,
+            count,
+        } => {
+            let figures = labrun::paired(service, &direct, count)?;
+            println!("{}", serde_json::to_string(&figures)?);
+            Ok(())
         }
         Cmd::All(args) => {
             let invocation: Vec<String> = std::env::args().skip(2).collect();

@@ -177,6 +177,28 @@ fn lab(md: &mut String, d: &Value, out: &Path) -> anyhow::Result<()> {
             add_point(&mut latency, mode, (n, p));
         }
     }
+    let _ = writeln!(
+        md,
+        "\nFrom the node's own network namespace (a hostNetwork client; ours: the socket hooks), paired: \
+         each round one new connection + request through the ClusterIP and one to a web pod's own address, \
+         so both see the same moment. Overhead = median of the per-round differences, with their \
+         interquartile range; in \"direct\" both sides go to pods (the pairing's noise floor).\n\n\
+         | Services | mode | through Service p50 us | p99 us | direct p50 us | overhead p50 us | IQR us |\n|---|---|---|---|---|---|---|"
+    );
+    for r in rows.iter().filter(|r| r["node"].is_object()) {
+        let n = &r["node"];
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r["services"],
+            r["mode"].as_str().unwrap_or("?"),
+            fmt(f(&n["service_p50_us"]), 1),
+            fmt(f(&n["service_p99_us"]), 1),
+            fmt(f(&n["direct_p50_us"]), 1),
+            fmt(f(&n["overhead_p50_us"]), 1),
+            fmt(f(&n["overhead_iqr_us"]), 1),
+        );
+    }
     plot(
         &out.join("latency.svg"),
         "New connection + request, p50",

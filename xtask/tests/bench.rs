@@ -58,6 +58,13 @@ fn quick_bench_measures_every_mode_and_writes_the_report() {
                 "{mode}: {key} in {row}"
             );
         }
+        for key in ["service_p50_us", "direct_p50_us"] {
+            assert!(
+                row["node"][key].as_f64().is_some_and(|v| v > 0.0),
+                "{mode}: node client {key} in {row}"
+            );
+        }
+        assert!(row["node"]["overhead_p50_us"].as_f64().is_some(), "{row}");
     }
 
     let control = results["control"].as_array().unwrap();
