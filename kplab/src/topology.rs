@@ -142,6 +142,11 @@ pub fn create_node(prefix: &str, spec: &NodeSpec, nodes: &[NodeSpec]) -> anyhow:
             "eth0",
         ])?;
     }
+    // A default route, as a real node has through its gateway: the underlay, which reaches only
+    // the lab's own namespaces, so what no lab host answers goes nowhere. Without one, a node's
+    // connect() to a Service address fails before any rule could translate it (kube-proxy's
+    // OUTPUT-chain DNAT runs after the route lookup).
+    ip(&["-n", &netns, "route", "add", "default", "dev", "eth0"])?;
     Ok(netns)
 }
 
