@@ -234,3 +234,79 @@ fn service_spec(svc: &Service) -> Option<ServiceSpec> {
         selector: spec.selector.clone().unwrap_or_default(),
     })
 }
+
+/// Whether `ip` lies in `cidr` (`a.b.c.d/n`); a malformed CIDR contains nothing.
+fn in_cidr(ip: Ipv4Addr, cidr: &str) -> bool {
+    let Some((net, len)) = cidr.split_once('/') else {
+        return false;
+    };
+    let (Ok(net), Ok(len)) = (net.parse::<Ipv4Addr>(), len.parse::<u32>()) else {
+        return false;
+    };
+    if len > 32 {
+        return false;
+    }
+    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+    u32::from(ip) & mask == u32::from(net) & mask
+}
+
+impl Cluster {
+    /// What is legal but probably a mistake: a pod whose address lies outside its node's
+    /// podCIDR (the lab routes it anyway, by /32, but other nodes route the CIDR, not the pod).
+    #[must_use]
+    pub fn warnings(&self) -> Vec<String> {
+        self.pods
+            .iter()
+            .filter_map(|p| {
+                let node = self.nodes.iter().find(|n| n.name == p.node)?;
+                (!in_cidr(p.ip, &node.pod_cidr)).then(|| {
+                    format!(
+                        "pod {} has address {}, outside node {}'s podCIDR {}",
+                        p.key, p.ip, node.name, node.pod_cidr
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(key: &str, node: &str, ip: [u8; 4]) -> PodSpec {
+        PodSpec {
+            key: key.into(),
+            node: node.into(),
+            ip: Ipv4Addr::from(ip),
+            tcp: Vec::new(),
+            udp: Vec::new(),
+            server: None,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_pod_outside_its_nodes_pod_cidr_is_named() {
+        let cluster = Cluster {
+            nodes: vec![NodeSpec {
+                name: "node-a".into(),
+                ip: Ipv4Addr::new(172, 31, 0, 2),
+                pod_cidr: "10.245.1.0/24".into(),
+            }],
+            pods: vec![
+                pod("t/in", "node-a", [10, 245, 1, 9]),
+                pod("t/out", "node-a", [10, 245, 2, 9]),
+            ],
+            services: Vec::new(),
+            files: BTreeMap::new(),
+        };
+        assert_eq!(
+            cluster.warnings(),
+            ["pod t/out has address 10.245.2.9, outside node node-a's podCIDR 10.245.1.0/24"]
+        );
+        assert!(in_cidr(Ipv4Addr::new(1, 2, 3, 4), "0.0.0.0/0"));
+        assert!(!in_cidr(Ipv4Addr::new(1, 2, 3, 4), "1.2.3.5/32"));
+        assert!(!in_cidr(Ipv4Addr::new(1, 2, 3, 4), "garbage"));
+    }
+}

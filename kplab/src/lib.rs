@@ -332,6 +332,9 @@ pub fn up(
         down()?;
     }
     let cluster = cluster::read(manifests)?;
+    for w in cluster.warnings() {
+        eprintln!("lab: warning: {w}");
+    }
     let mut state = State {
         prefix: format!("{}-{}", lab_name(), run_id()),
         services: cluster.services.clone(),
@@ -630,6 +633,9 @@ pub fn apply(dir: &Path) -> anyhow::Result<()> {
     let programs = programs()?;
     let mut state = State::load()?;
     let cluster = cluster::read(dir)?;
+    for w in cluster.warnings() {
+        eprintln!("lab: warning: {w}");
+    }
     let nodes: Vec<&NodeSpec> = state.nodes.iter().map(|n| &n.spec).collect();
     if nodes != cluster.nodes.iter().collect::<Vec<_>>() {
         bail!(

@@ -25,6 +25,9 @@ pub struct ProbeArgs {
     /// Number of probes (each a new connection / a new source port), one JSON line each.
     #[arg(long, default_value_t = 1)]
     pub count: u32,
+    /// TCP only: the HTTP path to fetch (its status code is reported as `http_status`).
+    #[arg(long, default_value = "/")]
+    pub http: String,
 }
 
 /// The outcome of one probe; the three results are data, not errors.
@@ -33,6 +36,13 @@ pub struct ProbeResult {
     pub result: String,
     pub backend: Option<String>,
     pub client_seen: Option<String>,
+    /// The port and protocol the backend was reached on (`8080/tcp`), as the lab's server saw it:
+    /// two backends on one address with different ports are told apart.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub served: Option<String>,
+    /// The HTTP status code of a TCP probe's reply.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub http_status: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
 }
@@ -41,10 +51,17 @@ impl ProbeResult {
     fn connected(body: &[u8]) -> Self {
         let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
         let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+        let served = v
+            .get("port")
+            .and_then(serde_json::Value::as_u64)
+            .zip(field("proto"))
+            .map(|(port, proto)| format!("{port}/{proto}"));
         Self {
             result: "connected".to_owned(),
             backend: field("pod"),
             client_seen: field("client"),
+            served,
+            http_status: None,
             error: None,
         }
     }
@@ -54,6 +71,8 @@ impl ProbeResult {
             result: result.to_owned(),
             backend: None,
             client_seen: None,
+            served: None,
+            http_status: None,
             error,
         }
     }
@@ -74,11 +93,11 @@ fn classify(e: &std::io::Error) -> Option<ProbeResult> {
     }
 }
 
-/// One TCP probe: connect, one HTTP request, the whole reply.
+/// One TCP probe: connect, one HTTP request for `path`, the whole reply.
 ///
 /// # Errors
 /// The probe could not run (not a refusal or a timeout).
-pub fn tcp(to: SocketAddr, timeout: Duration) -> anyhow::Result<ProbeResult> {
+pub fn tcp(to: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<ProbeResult> {
     let deadline = Instant::now() + timeout;
     let mut stream = match TcpStream::connect_timeout(&to, timeout) {
         Ok(s) => s,
@@ -89,7 +108,7 @@ pub fn tcp(to: SocketAddr, timeout: Duration) -> anyhow::Result<ProbeResult> {
         .max(Duration::from_millis(1));
     stream.set_read_timeout(Some(remaining))?;
     stream.set_write_timeout(Some(remaining))?;
-    let request = format!("GET / HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n");
     let mut reply = Vec::new();
     let io = stream
         .write_all(request.as_bytes())
@@ -101,7 +120,13 @@ pub fn tcp(to: SocketAddr, timeout: Duration) -> anyhow::Result<ProbeResult> {
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .map_or(&reply[..0], |i| &reply[i + 4..]);
-    Ok(ProbeResult::connected(body))
+    let status = std::str::from_utf8(&reply[..reply.len().min(16)])
+        .ok()
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
+    Ok(ProbeResult {
+        http_status: status,
+        ..ProbeResult::connected(body)
+    })
 }
 
 /// One UDP probe: a datagram from a new source port, and its echo.
@@ -122,7 +147,7 @@ pub fn udp(to: SocketAddr, timeout: Duration) -> anyhow::Result<ProbeResult> {
     }
 }
 
-/// One probe of either protocol.
+/// One probe of either protocol (TCP fetches `/`).
 ///
 /// # Errors
 /// As [`tcp`] and [`udp`].
@@ -130,7 +155,7 @@ pub fn once(proto: &str, to: SocketAddr, timeout: Duration) -> anyhow::Result<Pr
     if proto == "udp" {
         udp(to, timeout)
     } else {
-        tcp(to, timeout)
+        tcp(to, "/", timeout)
     }
 }
 
@@ -144,7 +169,11 @@ pub fn main(args: &ProbeArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(args.timeout_ms);
     let mut out = std::io::stdout().lock();
     for _ in 0..args.count.max(1) {
-        let r = once(&args.proto, args.to, timeout)?;
+        let r = if args.proto == "udp" {
+            udp(args.to, timeout)?
+        } else {
+            tcp(args.to, &args.http, timeout)?
+        };
         writeln!(out, "{}", serde_json::to_string(&r)?)?;
     }
     Ok(())

@@ -421,6 +421,11 @@ fn node_clients_reach_cluster_ips_at_the_socket_and_see_the_service_address() {
         );
         assert_eq!(backends(&tcp), all_web, "{node}: every ready web backend");
         assert!(
+            tcp.iter()
+                .all(|r| r["served"] == "8080/tcp" && r["http_status"] == 200),
+            "{node}: the probe reports the backend port, protocol and HTTP status: {tcp:?}"
+        );
+        assert!(
             tcp.iter().all(|r| r["client_seen"]
                 .as_str()
                 .unwrap()
@@ -433,6 +438,10 @@ fn node_clients_reach_cluster_ips_at_the_socket_and_see_the_service_address() {
             "{node}: {udp:?}"
         );
         assert_eq!(backends(&udp), all_echo, "{node}: every echo backend");
+        assert!(
+            udp.iter().all(|r| r["served"] == "5353/udp"),
+            "{node}: {udp:?}"
+        );
         let empty = probe(node, "10.97.0.99:80", "tcp", 1);
         assert_eq!(empty[0]["result"], "refused", "{node}: {empty:?}");
     }
