@@ -55,8 +55,19 @@ fn write_json(path: &std::path::Path, v: &impl serde::Serialize) -> anyhow::Resu
         .with_context(|| format!("writing {}", path.display()))
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse().cmd) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One readable line, never a backtrace (RUST_BACKTRACE may be set).
+            eprintln!("bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
         Cmd::GenLab { services, out } => labrun::gen_lab(services, &out),
         Cmd::Datapath {
             scales,

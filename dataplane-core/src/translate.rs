@@ -150,7 +150,41 @@ fn port_number(port: i32) -> Result<u16, TranslateError> {
         .ok_or(TranslateError::InvalidPort(port))
 }
 
-/// Translates a Service and its EndpointSlices into frontends with their backends.
+/// The other addresses a Service answers on with its ports: `spec.externalIPs` and every
+/// `status.loadBalancer.ingress[].ip` except those with `ipMode: Proxy` (left to the load balancer,
+/// as kube-proxy does, KEP-1860). IPv6 addresses are skipped; an unparsable one is skipped with a
+/// warning (the API server validates them, so this is a damaged object, not a user's choice).
+fn extra_addresses(svc: &Service, warnings: &mut Vec<String>) -> Vec<Ipv4Addr> {
+    let external = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.external_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|ip| ("externalIP", ip.as_str()));
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|i| i.ip.as_deref())
+        .map(|ip| ("loadBalancer ingress IP", ip));
+    let mut out = Vec::new();
+    for (what, ip) in external.chain(ingress) {
+        match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(v4)) => out.push(v4),
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => warnings.push(format!("{what} {ip:?} is not an IP address, skipped")),
+        }
+    }
+    out
+}
+
+/// Translates a Service and its EndpointSlices into frontends with their backends: every
+/// clusterIP, externalIP and load-balancer ingress IP with every port.
 ///
 /// # Errors
 /// A Service whose addresses or ports are invalid; the caller keeps what it had programmed.
@@ -162,7 +196,10 @@ pub fn translate_service(
     if !is_proxied(svc) {
         return Ok(out);
     }
-    let ips = cluster_ips(svc)?;
+    let mut ips = cluster_ips(svc)?;
+    ips.extend(extra_addresses(svc, &mut out.warnings));
+    ips.sort();
+    ips.dedup();
     let ports = svc
         .spec
         .as_ref()
@@ -494,5 +531,53 @@ mod tests {
         let t = translate_service(&svc, &[&s]).unwrap();
         assert_eq!(backends(&t, 80, Proto::Tcp), ["10.0.0.1:80"]);
         assert!(t.warnings.iter().any(|w| w.contains("not-an-ip")));
+    }
+
+    #[test]
+    fn external_ips_and_load_balancer_ingress_ips_answer_with_the_service_ports() {
+        let mut svc = service(
+            "ns",
+            "web",
+            "10.96.0.10",
+            &[("http", 80, "TCP", json!(8080))],
+        );
+        let spec = svc.spec.as_mut().unwrap();
+        spec.type_ = Some("LoadBalancer".into());
+        spec.external_ips = Some(vec![
+            "192.0.2.7".into(),
+            "bogus".into(),
+            "2001:db8::1".into(),
+        ]);
+        svc.status = Some(
+            serde_json::from_value(json!({"loadBalancer": {"ingress": [
+                {"ip": "198.51.100.1"},
+                {"ip": "198.51.100.2", "ipMode": "VIP"},
+                {"ip": "198.51.100.3", "ipMode": "Proxy"},
+                {"hostname": "lb.example"},
+            ]}}))
+            .unwrap(),
+        );
+        let eps = slice(
+            "ns",
+            "web-1",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[ready("10.0.0.1")],
+        );
+        let t = translate_service(&svc, &[&eps]).unwrap();
+        let addrs: Vec<String> = t.frontends.iter().map(|f| f.frontend.to_string()).collect();
+        assert_eq!(
+            addrs,
+            [
+                "10.96.0.10:80/TCP",
+                "192.0.2.7:80/TCP",
+                "198.51.100.1:80/TCP",
+                "198.51.100.2:80/TCP"
+            ],
+            "ipMode Proxy is left to the load balancer; IPv6 and hostnames are not ours"
+        );
+        assert!(t.frontends.iter().all(|f| f.backends.len() == 1));
+        assert_eq!(t.warnings.len(), 1, "{:?}", t.warnings);
+        assert!(t.warnings[0].contains("\"bogus\""), "{:?}", t.warnings);
     }
 }

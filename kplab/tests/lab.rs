@@ -530,6 +530,35 @@ fn cluster_dns_through_the_service_from_pods_and_nodes_over_udp_and_tcp() {
     assert_eq!(seen, both, "queries from a node spread over both dns pods");
 }
 
+/// A LoadBalancer Service with an externalIP and two ingress IPs, one of them `ipMode: Proxy`.
+const LB_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: t}\n\
+     spec: {type: LoadBalancer, clusterIP: 10.97.0.20, externalIPs: [10.98.0.7], ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080}]}\n\
+     status: {loadBalancer: {ingress: [{ip: 10.98.1.1}, {ip: 10.98.1.2, ipMode: Proxy}]}}\n---\n\
+     apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+     metadata: {name: lb-x, namespace: t, labels: {kubernetes.io/service-name: lb}}\n\
+     addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\n\
+     endpoints: [{addresses: [10.245.1.21]}]\n";
+
+#[test]
+fn external_ips_and_load_balancer_ips_answer_pods_and_nodes_except_ip_mode_proxy() {
+    let _lab = Lab::start_with_files(None, &[], &[("lb.yaml", LB_SERVICE)]);
+    for from in ["t/client-a", "t/client-b", "node-a", "node-b"] {
+        for to in ["10.97.0.20:80", "10.98.0.7:80", "10.98.1.1:80"] {
+            let r = probe(from, to, "tcp", 5);
+            assert!(
+                r.iter()
+                    .all(|r| r["result"] == "connected" && r["backend"] == "t/web-1"),
+                "{from} -> {to}: {r:?}"
+            );
+        }
+        let proxied = probe(from, "10.98.1.2:80", "tcp", 1);
+        assert_ne!(
+            proxied[0]["result"], "connected",
+            "{from}: an ipMode Proxy address is the load balancer's, not translated here"
+        );
+    }
+}
+
 #[test]
 fn endpoints_turned_not_ready_or_removed_get_no_new_connections_while_existing_ones_finish() {
     let lab = Lab::up();
