@@ -73,9 +73,9 @@ impl Agent {
     #[must_use]
     pub fn new(node: String, datapath: Datapath) -> Self {
         Self {
+            pipeline: Pipeline::for_node(&node),
             node,
             socket_cgroup: None,
-            pipeline: Pipeline::default(),
             datapath,
             conntrack_entries: 0,
             interfaces_synced: false,

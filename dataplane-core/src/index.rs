@@ -28,6 +28,8 @@ pub enum Target {
     Service(NsName),
     /// The set of local pods: which interfaces carry the datapath.
     Pods,
+    /// A Node's addresses (the local node's are where NodePorts answer).
+    Node(String),
 }
 
 /// What a change touched: the targets to re-derive.
@@ -63,7 +65,7 @@ impl Dirty {
     pub fn services(&self) -> impl Iterator<Item = &NsName> {
         self.0.iter().filter_map(|t| match t {
             Target::Service(s) => Some(s),
-            Target::Pods => None,
+            Target::Pods | Target::Node(_) => None,
         })
     }
 }
@@ -122,6 +124,7 @@ impl Index {
                 self.namespaces.insert(id.name, *ns);
             }
             Object::Node(node) => {
+                dirty.insert(Target::Node(id.name.clone()));
                 self.nodes.insert(id.name, *node);
             }
             Object::NetworkPolicy(np) => {
@@ -154,7 +157,9 @@ impl Index {
                 self.namespaces.remove(&id.name);
             }
             Kind::Node => {
-                self.nodes.remove(&id.name);
+                if self.nodes.remove(&id.name).is_some() {
+                    dirty.insert(Target::Node(id.name));
+                }
             }
             Kind::NetworkPolicy => {
                 self.network_policies.remove(&id);
@@ -192,6 +197,19 @@ impl Index {
                     name: name.clone(),
                 })
             })
+            .collect()
+    }
+
+    /// A Node's InternalIPs (IPv4): kube-proxy's `--nodeport-addresses primary`.
+    #[must_use]
+    pub fn node_internal_ips(&self, node: &str) -> Vec<std::net::Ipv4Addr> {
+        self.nodes
+            .get(node)
+            .and_then(|n| n.status.as_ref()?.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse().ok())
             .collect()
     }
 

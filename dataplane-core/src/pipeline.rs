@@ -50,6 +50,15 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// The pipeline of node `node` (its NodePorts answer on its Node's InternalIPs).
+    #[must_use]
+    pub fn for_node(node: &str) -> Self {
+        Self {
+            reconciler: Reconciler::for_node(node),
+            ..Self::default()
+        }
+    }
+
     /// Applies one batch: index, then every target it dirtied. Warnings and problems are counted
     /// by their metric label and returned for the caller to log.
     pub fn apply(&mut self, batch: Batch, writer: &mut dyn MapWriter) -> Applied {

@@ -17,7 +17,7 @@ use crate::index::{Dirty, Index, Target};
 use crate::maps::{MapState, Op, backend_value, diff, service_entries};
 use crate::object::NsName;
 use crate::table::IdPool;
-use crate::translate::{BackendAddr, Frontend, FrontendSpec, TranslateError, translate_service};
+use crate::translate::{BackendAddr, Frontend, FrontendSpec, TranslateError, translate_service_on};
 
 /// Where map writes go: the kernel maps, or a [`MapState`] in tests.
 pub trait MapWriter {
@@ -108,6 +108,9 @@ impl SyncProblem {
 /// Keeps the translation maps equal to what the index says, one service at a time.
 #[derive(Clone, Debug)]
 pub struct Reconciler {
+    /// This node's name: its Node's InternalIPs are where NodePorts answer. `None` (tests, the
+    /// benchmark) programs no NodePort.
+    node: Option<String>,
     programmed: BTreeMap<NsName, Vec<FrontendSpec>>,
     /// Which service owns each frontend; a second service claiming it is refused.
     owners: HashMap<Frontend, NsName>,
@@ -120,6 +123,7 @@ pub struct Reconciler {
 impl Default for Reconciler {
     fn default() -> Self {
         Self {
+            node: None,
             programmed: BTreeMap::new(),
             owners: HashMap::new(),
             rev_nat_ids: HashMap::new(),
@@ -131,6 +135,15 @@ impl Default for Reconciler {
 }
 
 impl Reconciler {
+    /// A reconciler for node `node` (its NodePorts answer on that Node's InternalIPs).
+    #[must_use]
+    pub fn for_node(node: &str) -> Self {
+        Self {
+            node: Some(node.to_owned()),
+            ..Self::default()
+        }
+    }
+
     /// Number of frontends and backends currently programmed.
     #[must_use]
     pub fn sizes(&self) -> (usize, usize) {
@@ -157,7 +170,19 @@ impl Reconciler {
         for target in dirty.iter() {
             match target {
                 Target::Service(svc) => report.merge(self.sync_service(index, svc, writer)),
-                Target::Pods => {}
+                // The local node's addresses changed: every NodePort moves with them.
+                Target::Node(name) if self.node.as_ref() == Some(name) => {
+                    let all: std::collections::BTreeSet<NsName> = index
+                        .services
+                        .keys()
+                        .chain(self.programmed.keys())
+                        .cloned()
+                        .collect();
+                    for svc in &all {
+                        report.merge(self.sync_service(index, svc, writer));
+                    }
+                }
+                Target::Pods | Target::Node(_) => {}
             }
         }
         report
@@ -174,7 +199,15 @@ impl Reconciler {
         let desired =
             match index.services.get(svc) {
                 None => Vec::new(),
-                Some(service) => match translate_service(service, &index.slices_of(svc)) {
+                Some(service) => match translate_service_on(
+                    service,
+                    &index.slices_of(svc),
+                    &self
+                        .node
+                        .as_deref()
+                        .map(|n| index.node_internal_ips(n))
+                        .unwrap_or_default(),
+                ) {
                     Ok(t) => {
                         report
                             .problems
@@ -448,6 +481,60 @@ mod tests {
                 .iter()
                 .map(ToString::to_string)
                 .any(|w| w.contains("ns/web") && w.contains("banana"))
+        );
+    }
+
+    fn node(ip: &str) -> Object {
+        Object::from(
+            serde_json::from_value::<k8s_openapi::api::core::v1::Node>(json!({
+                "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
+                "status": {"addresses": [{"type": "InternalIP", "address": ip},
+                                         {"type": "Hostname", "address": "node-a"}]}
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn node_ports_follow_the_local_nodes_internal_ip() {
+        let mut index = Index::default();
+        let mut svc = service("ns", "web", "10.96.0.10", &[("", 80, "TCP", json!(8080))]);
+        let spec = svc.spec.as_mut().unwrap();
+        spec.type_ = Some("NodePort".into());
+        spec.ports.as_mut().unwrap()[0].node_port = Some(30080);
+        let mut dirty = index.apply(Object::from(svc));
+        dirty.merge(index.apply(Object::from(slice(
+            "ns",
+            "web",
+            "web",
+            &[("", 8080, "TCP")],
+            &[ready("10.0.0.1")],
+        ))));
+        dirty.merge(index.apply(node("172.31.0.2")));
+        let mut p = Reconciler::for_node("node-a");
+        let mut maps = MapState::default();
+        p.sync(&index, &dirty, &mut maps);
+        let addr =
+            |ip: &str| u32::from_ne_bytes(ip.parse::<std::net::Ipv4Addr>().unwrap().octets());
+        let backend = BTreeSet::from([(addr("10.0.0.1"), 8080u16.to_be())]);
+        let expect = |node_ip: &str| {
+            BTreeMap::from([
+                ((addr("10.96.0.10"), 80u16.to_be()), backend.clone()),
+                ((addr(node_ip), 30080u16.to_be()), backend.clone()),
+            ])
+        };
+        assert_eq!(resolve(&maps), expect("172.31.0.2"));
+        // The node's address changes: the NodePort moves with it, nothing else is rewritten.
+        let moved = index.apply(node("172.31.0.9"));
+        p.sync(&index, &moved, &mut maps);
+        assert_eq!(resolve(&maps), expect("172.31.0.9"));
+        // A reconciler of no node programs no NodePort.
+        let mut fresh = MapState::default();
+        sync_all(&mut Reconciler::default(), &index, &mut fresh);
+        assert_eq!(
+            fresh.services.len(),
+            2,
+            "header and one slot of the clusterIP only"
         );
     }
 

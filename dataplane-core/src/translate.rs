@@ -184,13 +184,41 @@ fn extra_addresses(svc: &Service, warnings: &mut Vec<String>) -> Vec<Ipv4Addr> {
 }
 
 /// Translates a Service and its EndpointSlices into frontends with their backends: every
-/// clusterIP, externalIP and load-balancer ingress IP with every port.
+/// clusterIP, externalIP and load-balancer ingress IP with every port (no NodePorts: see
+/// [`translate_service_on`]).
 ///
 /// # Errors
 /// A Service whose addresses or ports are invalid; the caller keeps what it had programmed.
 pub fn translate_service(
     svc: &Service,
     slices: &[&EndpointSlice],
+) -> Result<Translation, TranslateError> {
+    translate_service_on(svc, slices, &[])
+}
+
+/// The NodePort of a Service port, when kube-proxy would program one: a NodePort or
+/// LoadBalancer Service (not one with `allocateLoadBalancerNodePorts: false`) with `nodePort` set.
+fn node_port(svc: &Service, port: &ServicePort) -> Option<u16> {
+    let spec = svc.spec.as_ref()?;
+    let allocates = match spec.type_.as_deref() {
+        Some("NodePort") => true,
+        Some("LoadBalancer") => spec.allocate_load_balancer_node_ports != Some(false),
+        _ => false,
+    };
+    allocates
+        .then_some(port.node_port?)
+        .and_then(|p| port_number(p).ok())
+}
+
+/// As [`translate_service`], on a node whose NodePort addresses are `node_addresses`: each
+/// NodePort is also a frontend on each of them, with the same backends as the Service port.
+///
+/// # Errors
+/// As [`translate_service`].
+pub fn translate_service_on(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    node_addresses: &[Ipv4Addr],
 ) -> Result<Translation, TranslateError> {
     let mut out = Translation::default();
     if !is_proxied(svc) {
@@ -215,13 +243,13 @@ pub fn translate_service(
             continue;
         };
         let backends = select_backends(port, proto, slices, &mut out.warnings);
-        for addr in &ips {
+        let node_port = node_port(svc, port);
+        let on_nodes = node_port
+            .into_iter()
+            .flat_map(|p| node_addresses.iter().map(move |a| (*a, p)));
+        for (addr, port) in ips.iter().map(|a| (*a, number)).chain(on_nodes) {
             out.frontends.push(FrontendSpec {
-                frontend: Frontend {
-                    addr: *addr,
-                    port: number,
-                    proto,
-                },
+                frontend: Frontend { addr, port, proto },
                 backends: backends.clone(),
             });
         }
@@ -579,5 +607,47 @@ mod tests {
         assert!(t.frontends.iter().all(|f| f.backends.len() == 1));
         assert_eq!(t.warnings.len(), 1, "{:?}", t.warnings);
         assert!(t.warnings[0].contains("\"bogus\""), "{:?}", t.warnings);
+    }
+
+    #[test]
+    fn node_ports_are_frontends_on_the_nodes_addresses_unless_not_allocated() {
+        let node = ["172.31.0.2".parse().unwrap(), "172.31.9.2".parse().unwrap()];
+        let eps = slice(
+            "ns",
+            "web-1",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[ready("10.0.0.1")],
+        );
+        let with = |ty: &str, allocate: Option<bool>| {
+            let mut svc = service(
+                "ns",
+                "web",
+                "10.96.0.10",
+                &[("http", 80, "TCP", json!(8080))],
+            );
+            let spec = svc.spec.as_mut().unwrap();
+            spec.type_ = Some(ty.into());
+            spec.allocate_load_balancer_node_ports = allocate;
+            spec.ports.as_mut().unwrap()[0].node_port = Some(30080);
+            let t = translate_service_on(&svc, &[&eps], &node).unwrap();
+            t.frontends
+                .iter()
+                .map(|f| f.frontend.to_string())
+                .collect::<Vec<_>>()
+        };
+        let on_both = [
+            "10.96.0.10:80/TCP",
+            "172.31.0.2:30080/TCP",
+            "172.31.9.2:30080/TCP",
+        ];
+        assert_eq!(with("NodePort", None), on_both);
+        assert_eq!(with("LoadBalancer", None), on_both);
+        assert_eq!(with("LoadBalancer", Some(false)), ["10.96.0.10:80/TCP"]);
+        assert_eq!(
+            with("ClusterIP", None),
+            ["10.96.0.10:80/TCP"],
+            "a ClusterIP Service has no NodePort"
+        );
     }
 }

@@ -530,9 +530,10 @@ fn cluster_dns_through_the_service_from_pods_and_nodes_over_udp_and_tcp() {
     assert_eq!(seen, both, "queries from a node spread over both dns pods");
 }
 
-/// A LoadBalancer Service with an externalIP and two ingress IPs, one of them `ipMode: Proxy`.
+/// A LoadBalancer Service with a NodePort, an externalIP and two ingress IPs, one of them
+/// `ipMode: Proxy`.
 const LB_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: t}\n\
-     spec: {type: LoadBalancer, clusterIP: 10.97.0.20, externalIPs: [10.98.0.7], ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080}]}\n\
+     spec: {type: LoadBalancer, clusterIP: 10.97.0.20, externalIPs: [10.98.0.7], ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30080}]}\n\
      status: {loadBalancer: {ingress: [{ip: 10.98.1.1}, {ip: 10.98.1.2, ipMode: Proxy}]}}\n---\n\
      apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
      metadata: {name: lb-x, namespace: t, labels: {kubernetes.io/service-name: lb}}\n\
@@ -540,7 +541,7 @@ const LB_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: lb, na
      endpoints: [{addresses: [10.245.1.21]}]\n";
 
 #[test]
-fn external_ips_and_load_balancer_ips_answer_pods_and_nodes_except_ip_mode_proxy() {
+fn node_ports_external_ips_and_load_balancer_ips_answer_pods_and_nodes_except_ip_mode_proxy() {
     let _lab = Lab::start_with_files(None, &[], &[("lb.yaml", LB_SERVICE)]);
     for from in ["t/client-a", "t/client-b", "node-a", "node-b"] {
         for to in ["10.97.0.20:80", "10.98.0.7:80", "10.98.1.1:80"] {
@@ -551,6 +552,19 @@ fn external_ips_and_load_balancer_ips_answer_pods_and_nodes_except_ip_mode_proxy
                 "{from} -> {to}: {r:?}"
             );
         }
+        // The NodePort on the client's own node's InternalIP (another node's NodePort is reached
+        // through that node's external path, not built yet).
+        let own_node = if from.ends_with('a') {
+            "172.31.0.2:30080"
+        } else {
+            "172.31.0.3:30080"
+        };
+        let r = probe(from, own_node, "tcp", 5);
+        assert!(
+            r.iter()
+                .all(|r| r["result"] == "connected" && r["backend"] == "t/web-1"),
+            "{from} -> NodePort {own_node}: {r:?}"
+        );
         let proxied = probe(from, "10.98.1.2:80", "tcp", 1);
         assert_ne!(
             proxied[0]["result"], "connected",
