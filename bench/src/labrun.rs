@@ -46,6 +46,9 @@ pub enum LabOutcome {
         p99_us: f64,
         pod_ip_p50_us: f64,
         pod_ip_p99_us: f64,
+        /// Median of the paired (through the Service - direct) differences, and their IQR.
+        overhead_p50_us: f64,
+        overhead_iqr_us: f64,
         rps: f64,
         gbps: f64,
         /// Seconds to program the mode (lab up for ours, the rules load for the baselines).
@@ -203,14 +206,6 @@ fn one_request(to: SocketAddr) -> std::io::Result<f64> {
     Ok(t.elapsed().as_secs_f64() * 1e6)
 }
 
-/// p50 and p99 (us) of `count` new connections (after a warm-up) to `targets` in turn, bounded
-/// by 60 s. More than 1% failed connections fails the measurement: such a mode is broken, not slow.
-fn latency(ns: &str, targets: &[SocketAddr], count: usize) -> anyhow::Result<(f64, f64)> {
-    let targets = targets.to_vec();
-    let mut s = in_netns(ns, move || samples(&[targets], count))??.remove(0);
-    Ok((percentile(&mut s, 0.5), percentile(&mut s, 0.99)))
-}
-
 /// New connections (each with one request) in rounds: one to each target list in turn per round
 /// (a list's targets used round-robin), so every list is measured under the same conditions,
 /// paired. After a warm-up; bounded by 60 s; more than 1% failures fails the measurement.
@@ -254,25 +249,30 @@ fn percentile(s: &mut [f64], q: f64) -> f64 {
     s[((s.len() - 1) as f64 * q).round() as usize]
 }
 
-/// A node client's paired figures: through the Service address and to the backends' own.
+/// A client's paired figures: through the Service address and to the backends' own.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Paired {
     pub service_p50_us: f64,
     pub service_p99_us: f64,
     pub direct_p50_us: f64,
+    pub direct_p99_us: f64,
     /// Median of (through the Service - direct) over the pairs of one round each.
     pub overhead_p50_us: f64,
     /// Interquartile range of those differences: the spread the overhead is judged against.
     pub overhead_iqr_us: f64,
 }
 
-/// `bench connect` (run by [`node_latency`] inside a node's namespace and cgroup): paired new
-/// connections to `service` and to `direct` (round-robin).
+/// Paired new connections to `service` and to `direct` (each list round-robin), where this
+/// process runs; `bench connect` runs it inside a node's namespace and cgroup.
 ///
 /// # Errors
 /// Too many connections failed.
-pub fn paired(service: SocketAddr, direct: &[SocketAddr], count: usize) -> anyhow::Result<Paired> {
-    let s = samples(&[vec![service], direct.to_vec()], count)?;
+pub fn paired(
+    service: &[SocketAddr],
+    direct: &[SocketAddr],
+    count: usize,
+) -> anyhow::Result<Paired> {
+    let s = samples(&[service.to_vec(), direct.to_vec()], count)?;
     let mut diffs: Vec<f64> = s[0].iter().zip(&s[1]).map(|(a, b)| a - b).collect();
     let (mut svc, mut dir) = (s[0].clone(), s[1].clone());
     let q1 = percentile(&mut diffs, 0.25);
@@ -281,6 +281,7 @@ pub fn paired(service: SocketAddr, direct: &[SocketAddr], count: usize) -> anyho
         service_p50_us: percentile(&mut svc, 0.5),
         service_p99_us: percentile(&mut svc, 0.99),
         direct_p50_us: percentile(&mut dir, 0.5),
+        direct_p99_us: percentile(&mut dir, 0.99),
         overhead_p50_us: percentile(&mut diffs, 0.5),
         overhead_iqr_us: q3 - q1,
     })
@@ -288,16 +289,20 @@ pub fn paired(service: SocketAddr, direct: &[SocketAddr], count: usize) -> anyho
 
 /// Paired latency from a node's own namespace and cgroup (a hostNetwork client): this program's
 /// `connect` step run through `kplab exec --on NODE`, to `service` and to the web pods.
-fn node_latency(node: &str, service: SocketAddr, p: &Plan, count: usize) -> anyhow::Result<Paired> {
+fn node_latency(
+    node: &str,
+    service: &[SocketAddr],
+    p: &Plan,
+    count: usize,
+) -> anyhow::Result<Paired> {
     let me = std::env::current_exe()?;
     let kplab = std::env::var_os("KPLAB_BIN")
         .map_or_else(|| me.with_file_name("kplab"), std::path::PathBuf::from);
-    let direct: Vec<String> = p.web_pods.iter().map(ToString::to_string).collect();
     let out = std::process::Command::new(kplab)
         .args(["exec", "--on", node, "--"])
         .arg(&me)
-        .args(["connect", "--service", &service.to_string()])
-        .args(["--direct", &direct.join(",")])
+        .args(["connect", "--service", &join(service)])
+        .args(["--direct", &join(&p.web_pods)])
         .args(["--count", &count.to_string()])
         .output()
         .context("starting kplab exec")?;
@@ -308,6 +313,14 @@ fn node_latency(node: &str, service: SocketAddr, p: &Plan, count: usize) -> anyh
         );
     }
     serde_json::from_slice(&out.stdout).context("reading the node client's figures")
+}
+
+fn join(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Requests per second from wrk (8 keep-alive connections, one thread) for `seconds`.
@@ -395,12 +408,18 @@ fn measure(
 ) -> anyhow::Result<LabRow> {
     let direct = mode == "direct";
     eprintln!("bench: {} Services, {mode}", p.services);
-    let (pod50, pod99) = latency(&at.client, &p.web_pods, o.connections)?;
-    let (p50, p99) = if direct {
-        (pod50, pod99)
+    // Paired: each round one connection through the Service and one to a pod's own address. In
+    // direct mode both sides go to pods (the same ten, offset by half), the pairing's noise floor.
+    let service: Vec<SocketAddr> = if direct {
+        let mut pods = p.web_pods.clone();
+        let half = pods.len() / 2;
+        pods.rotate_left(half);
+        pods
     } else {
-        latency(&at.client, &[p.web_vip], o.connections)?
+        vec![p.web_vip]
     };
+    let (svc, pods, count) = (service.clone(), p.web_pods.clone(), o.connections);
+    let pod = in_netns(&at.client, move || paired(&svc, &pods, count))??;
     let (web, iperf_ip) = if direct {
         (p.web_direct, p.iperf_direct)
     } else {
@@ -408,17 +427,17 @@ fn measure(
     };
     let rps = wrk(&at.client, &format!("http://{web}/"), o.seconds)?;
     let gbps = iperf(&at.client, iperf_ip, o.seconds)?;
-    // Direct: pod against pod, the pairing's own noise floor.
-    let node_target = if direct { p.web_direct } else { p.web_vip };
-    let node = node_latency(&at.node_name, node_target, p, o.connections)?;
+    let node = node_latency(&at.node_name, &service, p, o.connections)?;
     Ok(LabRow {
         services: p.services,
         mode: mode.to_owned(),
         outcome: LabOutcome::Measured {
-            p50_us: p50,
-            p99_us: p99,
-            pod_ip_p50_us: pod50,
-            pod_ip_p99_us: pod99,
+            p50_us: pod.service_p50_us,
+            p99_us: pod.service_p99_us,
+            pod_ip_p50_us: pod.direct_p50_us,
+            pod_ip_p99_us: pod.direct_p99_us,
+            overhead_p50_us: pod.overhead_p50_us,
+            overhead_iqr_us: pod.overhead_iqr_us,
             rps,
             gbps,
             load_s,

@@ -38,8 +38,8 @@ enum Cmd {
     /// it inside a node's namespace and cgroup); prints the figures as JSON.
     #[command(hide = true)]
     Connect {
-        #[arg(long)]
-        service: std::net::SocketAddr,
+        #[arg(long, value_delimiter = ',')]
+        service: Vec<std::net::SocketAddr>,
         #[arg(long, value_delimiter = ',')]
         direct: Vec<std::net::SocketAddr>,
         #[arg(long, default_value_t = 2000)]
@@ -87,7 +87,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             direct,
             count,
         } => {
-            let figures = labrun::paired(service, &direct, count)?;
+            let figures = labrun::paired(&service, &direct, count)?;
             println!("{}", serde_json::to_string(&figures)?);
             Ok(())
         }

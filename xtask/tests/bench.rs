@@ -65,6 +65,9 @@ fn quick_bench_measures_every_mode_and_writes_the_report() {
             );
         }
         assert!(row["node"]["overhead_p50_us"].as_f64().is_some(), "{row}");
+        for key in ["overhead_p50_us", "overhead_iqr_us"] {
+            assert!(row[key].as_f64().is_some(), "{mode}: paired {key} in {row}");
+        }
     }
 
     let control = results["control"].as_array().unwrap();
