@@ -92,7 +92,17 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::All(args) => {
-            let invocation: Vec<String> = std::env::args().skip(2).collect();
+            // What the user typed after `cargo xtask bench`: without the criterion directory
+            // xtask adds.
+            let mut invocation = Vec::new();
+            let mut given = std::env::args().skip(2);
+            while let Some(a) = given.next() {
+                if a == "--criterion" {
+                    given.next();
+                } else {
+                    invocation.push(a);
+                }
+            }
             all::run(args, &format!("bench {}", invocation.join(" ")))
         }
     }
