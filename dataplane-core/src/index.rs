@@ -28,7 +28,7 @@ pub enum Target {
     Service(NsName),
     /// The set of local pods: which interfaces carry the datapath.
     Pods,
-    /// A Node's addresses (the local node's are where NodePorts answer).
+    /// A Node's InternalIPs changed (the local node's are where NodePorts answer).
     Node(String),
 }
 
@@ -124,8 +124,12 @@ impl Index {
                 self.namespaces.insert(id.name, *ns);
             }
             Object::Node(node) => {
-                dirty.insert(Target::Node(id.name.clone()));
-                self.nodes.insert(id.name, *node);
+                // A Node is rewritten often (status, heartbeats); only its addresses are derived.
+                let before = self.node_internal_ips(&id.name);
+                self.nodes.insert(id.name.clone(), *node);
+                if self.node_internal_ips(&id.name) != before {
+                    dirty.insert(Target::Node(id.name));
+                }
             }
             Object::NetworkPolicy(np) => {
                 self.network_policies.insert(id, *np);
@@ -157,7 +161,8 @@ impl Index {
                 self.namespaces.remove(&id.name);
             }
             Kind::Node => {
-                if self.nodes.remove(&id.name).is_some() {
+                let before = self.node_internal_ips(&id.name);
+                if self.nodes.remove(&id.name).is_some() && !before.is_empty() {
                     dirty.insert(Target::Node(id.name));
                 }
             }
