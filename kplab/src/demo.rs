@@ -53,7 +53,7 @@ fn tally(
             by_backend: BTreeMap::new(),
         };
         for _ in 0..count {
-            let r = probe::once(&proto, to, TIMEOUT)?;
+            let r = probe::once(&proto, to, "/", TIMEOUT)?;
             match r.result.as_str() {
                 "connected" => {
                     t.connected += 1;

@@ -53,7 +53,7 @@ pub fn render(state: &State, timeout: Duration) -> anyhow::Result<String> {
                         Err(e) => vec![format!("err: {e}"); targets.len()],
                         Ok(()) => targets
                             .iter()
-                            .map(|t| match probe::once(&t.proto, t.addr, timeout) {
+                            .map(|t| match probe::once(&t.proto, t.addr, "/", timeout) {
                                 Ok(r) if r.result == "connected" => "ok".to_owned(),
                                 Ok(r) if r.result == "refused" => "rej".to_owned(),
                                 Ok(_) => "--".to_owned(),

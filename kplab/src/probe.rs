@@ -147,15 +147,20 @@ pub fn udp(to: SocketAddr, timeout: Duration) -> anyhow::Result<ProbeResult> {
     }
 }
 
-/// One probe of either protocol (TCP fetches `/`).
+/// One probe of either protocol (TCP fetches `path`).
 ///
 /// # Errors
 /// As [`tcp`] and [`udp`].
-pub fn once(proto: &str, to: SocketAddr, timeout: Duration) -> anyhow::Result<ProbeResult> {
+pub fn once(
+    proto: &str,
+    to: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<ProbeResult> {
     if proto == "udp" {
         udp(to, timeout)
     } else {
-        tcp(to, "/", timeout)
+        tcp(to, path, timeout)
     }
 }
 
@@ -169,11 +174,7 @@ pub fn main(args: &ProbeArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(args.timeout_ms);
     let mut out = std::io::stdout().lock();
     for _ in 0..args.count.max(1) {
-        let r = if args.proto == "udp" {
-            udp(args.to, timeout)?
-        } else {
-            tcp(args.to, &args.http, timeout)?
-        };
+        let r = once(&args.proto, args.to, &args.http, timeout)?;
         writeln!(out, "{}", serde_json::to_string(&r)?)?;
     }
     Ok(())
