@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 use dataplane_agent::agent::Agent;
 use dataplane_agent::datapath::Datapath;
 use dataplane_core::object::{Kind, Object};
+use dataplane_core::reconcile::NodePortAddresses;
 use dataplane_core::source::Batch;
 use dataplane_core::source::Event;
 use dataplane_core::translate::FrontendSpec;
@@ -69,7 +70,11 @@ fn slice_with(svc: &str, endpoints: usize, i: usize) -> serde_json::Value {
 /// The eBPF object cannot be loaded (needs root).
 pub fn ours(n: usize, endpoints: usize, changes: usize) -> anyhow::Result<ModeSync> {
     let datapath = Datapath::load().context("loading the eBPF object (needs root)")?;
-    let mut agent = Agent::new("bench-node".to_owned(), datapath);
+    let mut agent = Agent::new(
+        "bench-node".to_owned(),
+        datapath,
+        NodePortAddresses::Primary,
+    );
     let objects = cluster::objects(n, endpoints, &[]);
     let events: Vec<Event> = objects
         .iter()

@@ -16,12 +16,13 @@ use anyhow::Context as _;
 use dataplane_common::{CT_FLAG_CLOSING, PROTO_TCP, SvcStats};
 use dataplane_core::index::Target;
 use dataplane_core::pipeline::{KernelReadings, Pipeline};
+use dataplane_core::reconcile::NodePortAddresses;
 use dataplane_core::source::Batch;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::datapath::Datapath;
-use crate::interfaces::{ifindex, local_pod_ips, parse_routes, pod_interfaces};
+use crate::interfaces::{ifindex, local_addresses, local_pod_ips, parse_routes, pod_interfaces};
 use crate::manifests::ManifestSource;
 use crate::metrics::Status;
 
@@ -32,6 +33,9 @@ const CT_UDP: Duration = Duration::from_secs(60);
 /// How often the datapath's clock advances, and how often conntrack is swept.
 const CLOCK_TICK: Duration = Duration::from_millis(250);
 const GC_PERIOD: Duration = Duration::from_secs(10);
+/// Source ports for external traffic to remote backends: above Linux's default ephemeral range
+/// (32768-60999), so they never collide with the node's own connections.
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -46,6 +50,13 @@ pub struct Config {
     pub bpffs: Option<PathBuf>,
     /// The cgroup v2 directory the socket hooks go on (node processes reach Services there).
     pub socket_cgroup: Option<PathBuf>,
+    /// The node's external interfaces: NodePort, LoadBalancer and externalIP traffic from
+    /// outside arrives there (XDP).
+    pub external_interfaces: Vec<String>,
+    /// Where NodePorts answer.
+    pub nodeport_addresses: NodePortAddresses,
+    /// Source ports for external traffic to remote backends (inclusive).
+    pub snat_ports: (u16, u16),
 }
 
 /// Where the objects come from.
@@ -61,6 +72,8 @@ pub enum Source {
 pub struct Agent {
     node: String,
     socket_cgroup: Option<PathBuf>,
+    external_interfaces: Vec<String>,
+    snat_ports: (u16, u16),
     pipeline: Pipeline,
     datapath: Datapath,
     conntrack_entries: u64,
@@ -71,11 +84,13 @@ pub struct Agent {
 
 impl Agent {
     #[must_use]
-    pub fn new(node: String, datapath: Datapath) -> Self {
+    pub fn new(node: String, datapath: Datapath, nodeport_addresses: NodePortAddresses) -> Self {
         Self {
-            pipeline: Pipeline::for_node(&node),
+            pipeline: Pipeline::for_node(&node, nodeport_addresses),
             node,
             socket_cgroup: None,
+            external_interfaces: Vec::new(),
+            snat_ports: DEFAULT_SNAT_PORTS,
             datapath,
             conntrack_entries: 0,
             interfaces_synced: false,
@@ -106,6 +121,52 @@ impl Agent {
             map_writes = applied.ops,
             "programmed"
         );
+    }
+
+    /// Attaches to these external interfaces once the first batch is programmed, and source-NATs
+    /// with these ports.
+    #[must_use]
+    pub fn with_external(mut self, interfaces: Vec<String>, snat_ports: (u16, u16)) -> Self {
+        self.external_interfaces = interfaces;
+        self.snat_ports = snat_ports;
+        self
+    }
+
+    /// Attaches to the configured external interfaces (a failure is counted and retried every
+    /// second; an interface is attached whole or not at all), keeps the source-NAT address on
+    /// the Node's first InternalIP, and follows the node's addresses for NodePorts.
+    fn sync_external(&mut self) {
+        for iface in self.external_interfaces.clone() {
+            let Some(idx) = ifindex(&iface) else {
+                warn!(%iface, "external interface not found");
+                self.pipeline.count_error("attach", 1);
+                continue;
+            };
+            match self.datapath.attach_external(&iface, idx) {
+                Ok(Some(mode)) => info!(%iface, ?mode, "external interface attached"),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(%iface, error = %format_args!("{e:#}"), "external interface not attached");
+                    self.pipeline.count_error("attach", 1);
+                }
+            }
+        }
+        if let Some(addr) = self.pipeline.index.node_internal_ips(&self.node).first() {
+            match self.datapath.set_snat(*addr, self.snat_ports) {
+                Ok(true) => info!(%addr, ports = ?self.snat_ports, "source NAT address set"),
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(error = %format_args!("{e:#}"), "cannot set the source NAT address");
+                    self.pipeline.count_error("map_write", 1);
+                }
+            }
+        }
+        let report = self
+            .pipeline
+            .set_local_addresses(local_addresses(), &mut self.datapath);
+        for problem in &report.problems {
+            warn!(service = %problem.service(), label = problem.metric_label(), "{problem}");
+        }
     }
 
     /// Puts the socket hooks on `cgroup` once the first batch is programmed.
@@ -139,6 +200,7 @@ impl Agent {
             return;
         }
         self.sync_cgroup();
+        self.sync_external();
         let routes = match std::fs::read_to_string("/proc/net/route") {
             Ok(t) => parse_routes(&t),
             Err(e) => {
@@ -239,7 +301,16 @@ impl Agent {
         self.pipeline.status(
             &self.node,
             KernelReadings {
-                interfaces: self.datapath.attached().map(str::to_owned).collect(),
+                interfaces: self
+                    .datapath
+                    .attached()
+                    .map(str::to_owned)
+                    .chain(
+                        self.datapath
+                            .external()
+                            .map(|(i, m)| format!("{i} (external, XDP {m:?})")),
+                    )
+                    .collect(),
                 cgroups: self
                     .datapath
                     .cgroup()
@@ -307,14 +378,36 @@ async fn watch_manifests(dir: PathBuf, poll: Duration, tx: mpsc::Sender<Batch>) 
     }
 }
 
+/// Source-NAT ports must lie outside the node's ephemeral range, or a reply to the node's own
+/// connection could be taken for a source-NATed flow's.
+fn check_snat_ports((lo, hi): (u16, u16)) -> anyhow::Result<()> {
+    let (eph_lo, eph_hi) = crate::interfaces::ephemeral_ports()?;
+    if lo > hi {
+        anyhow::bail!("--snat-ports {lo}-{hi}: the first port is above the last");
+    }
+    if lo <= eph_hi && eph_lo <= hi {
+        anyhow::bail!(
+            "--snat-ports {lo}-{hi} overlaps this node's ephemeral ports {eph_lo}-{eph_hi} \
+             (net.ipv4.ip_local_port_range): choose a range outside it"
+        );
+    }
+    Ok(())
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
 ///
 /// # Errors
 /// The eBPF object could not be loaded.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    check_snat_ports(config.snat_ports)?;
     let datapath = Datapath::load_object(crate::ebpf::OBJECT, config.bpffs.as_deref())?;
-    let mut agent = Agent::new(config.node_name.clone(), datapath)
-        .with_socket_cgroup(config.socket_cgroup.clone());
+    let mut agent = Agent::new(
+        config.node_name.clone(),
+        datapath,
+        config.nodeport_addresses.clone(),
+    )
+    .with_socket_cgroup(config.socket_cgroup.clone())
+    .with_external(config.external_interfaces.clone(), config.snat_ports);
     info!(node = %config.node_name, source = ?config.source, "agent started");
 
     let (status_tx, status_rx) = watch::channel(Arc::new(agent.status()));

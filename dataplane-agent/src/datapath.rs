@@ -1,5 +1,5 @@
-//! The kernel side: loads the eBPF object, attaches its programs to pod interfaces and its socket
-//! hooks to the node's cgroup, writes and reads its maps.
+//! The kernel side: loads the eBPF object, attaches its programs to pod interfaces, to the node's
+//! external interfaces and (socket hooks) to the node's cgroup, writes and reads its maps.
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -7,16 +7,20 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{
+        Array, HashMap, MapData, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, Link as _, PinnedLink},
         tc::SchedClassifierLink,
+        xdp::XdpLink,
     },
 };
 use dataplane_common::{
-    Backend, CtKey, CtValue, DropReason, NodeConfig, ServiceKey, ServiceValue, SvcStats, map_names,
-    prog_names,
+    Backend, CtKey, CtValue, DropReason, NodeConfig, ServiceKey, ServiceValue, SourceRangeKey,
+    SvcStats, map_names, prog_names,
 };
 
 /// The socket hooks, attached together to one cgroup.
@@ -66,6 +70,16 @@ struct Attachment {
     links: Vec<AttachedLink>,
 }
 
+/// How XDP runs on an external interface: in the driver where it supports XDP, in the kernel's
+/// generic path otherwise (an existing pinned link keeps the mode it was created with).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAttachMode {
+    Native,
+    Generic,
+    /// Replaced into an earlier agent's pinned link, in that link's mode.
+    Kept,
+}
+
 /// The loaded eBPF object and handles to its maps.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -75,7 +89,12 @@ pub struct Datapath {
     drops: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuArray<MapData, SvcStats>,
     clock: Array<MapData, u64>,
+    node: Array<MapData, NodeConfig>,
+    node_config: NodeConfig,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     attached: BTreeMap<String, Attachment>,
+    /// The node's external interfaces (XDP and TC egress), apart from pod interfaces.
+    external: BTreeMap<String, (Attachment, XdpAttachMode)>,
     /// The cgroup the socket hooks are attached to, and their links.
     cgroup: Option<(PathBuf, Vec<AttachedLink>)>,
     pin_dir: Option<PathBuf>,
@@ -118,7 +137,11 @@ impl Datapath {
             loader.map_pin_path(map_names::SOCK_REVNAT, dir.join(map_names::SOCK_REVNAT));
         }
         let mut ebpf = loader.load(object).context("loading the eBPF object")?;
-        for name in [prog_names::FROM_POD, prog_names::TO_POD] {
+        for name in [
+            prog_names::FROM_POD,
+            prog_names::TO_POD,
+            prog_names::TO_EXTERNAL,
+        ] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
@@ -134,15 +157,24 @@ impl Datapath {
             prog.load()
                 .with_context(|| format!("verifier refused program {name}"))?;
         }
+        let xdp: &mut Xdp = ebpf
+            .program_mut(prog_names::FROM_EXTERNAL)
+            .ok_or_else(|| {
+                anyhow!(
+                    "program {} missing from the eBPF object",
+                    prog_names::FROM_EXTERNAL
+                )
+            })?
+            .try_into()?;
+        xdp.load()
+            .with_context(|| format!("verifier refused program {}", prog_names::FROM_EXTERNAL))?;
         let mut node: Array<MapData, NodeConfig> = take_map(&mut ebpf, map_names::NODE)?;
-        node.set(
-            0,
-            NodeConfig {
-                netns_cookie: own_netns_cookie()?,
-            },
-            0,
-        )
-        .context("writing the node's netns cookie")?;
+        let node_config = NodeConfig {
+            netns_cookie: own_netns_cookie()?,
+            ..NodeConfig::default()
+        };
+        node.set(0, node_config, 0)
+            .context("writing the node's netns cookie")?;
         let mut datapath = Self {
             services: take_map(&mut ebpf, map_names::SERVICES)?,
             backends: take_map(&mut ebpf, map_names::BACKENDS)?,
@@ -150,8 +182,12 @@ impl Datapath {
             drops: take_map(&mut ebpf, map_names::DROPS)?,
             svc_stats: take_map(&mut ebpf, map_names::SVC_STATS)?,
             clock: take_map(&mut ebpf, map_names::CLOCK)?,
+            source_ranges: take_map(&mut ebpf, map_names::SOURCE_RANGES)?,
+            node,
+            node_config,
             ebpf,
             attached: BTreeMap::new(),
+            external: BTreeMap::new(),
             cgroup: None,
             pin_dir: pin_dir.map(Path::to_path_buf),
         };
@@ -267,6 +303,127 @@ impl Datapath {
         }
     }
 
+    /// Attaches to one of the node's external interfaces: `from_external` as XDP (native, else
+    /// generic) and `to_external` as TC egress. Both or neither: a failure detaches what was
+    /// attached. Pinned as `<dir>/links/<iface>_xdp` and `_egress`, with an earlier agent's links
+    /// getting this agent's programs swapped in.
+    ///
+    /// # Errors
+    /// The interface does not exist or the kernel refused a link.
+    pub fn attach_external(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+    ) -> anyhow::Result<Option<XdpAttachMode>> {
+        if let Some((a, _)) = self.external.get(iface) {
+            if a.ifindex == ifindex {
+                return Ok(None);
+            }
+            self.detach_external(iface);
+        }
+        let pin = |side: &str| {
+            self.pin_dir
+                .as_ref()
+                .map(|d| d.join("links").join(format!("{iface}_{side}")))
+        };
+        let (xdp_pin, tc_pin) = (pin("xdp"), pin("egress"));
+        let (xdp, mode) = self
+            .attach_xdp(iface, xdp_pin)
+            .with_context(|| format!("attaching {} to {iface}", prog_names::FROM_EXTERNAL))?;
+        let tc = match self.attach_one(prog_names::TO_EXTERNAL, iface, TcAttachType::Egress, tc_pin)
+        {
+            Ok(link) => link,
+            Err(e) => {
+                xdp.detach();
+                return Err(e)
+                    .with_context(|| format!("attaching {} to {iface}", prog_names::TO_EXTERNAL));
+            }
+        };
+        let links = vec![xdp, tc];
+        self.external
+            .insert(iface.to_owned(), (Attachment { ifindex, links }, mode));
+        Ok(Some(mode))
+    }
+
+    fn attach_xdp(
+        &mut self,
+        iface: &str,
+        pin: Option<PathBuf>,
+    ) -> anyhow::Result<(AttachedLink, XdpAttachMode)> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(prog_names::FROM_EXTERNAL)
+            .ok_or_else(|| anyhow!("program {} missing", prog_names::FROM_EXTERNAL))?
+            .try_into()?;
+        if let Some(path) = &pin
+            && let Ok(pinned) = PinnedLink::from_pin(path)
+        {
+            let replaced = XdpLink::try_from(FdLink::from(pinned))
+                .map_err(anyhow::Error::from)
+                .and_then(|old| Ok(prog.attach_to_link(old)?));
+            if let Ok(id) = replaced {
+                let link = FdLink::try_from(prog.take_link(id)?)?;
+                return Ok((
+                    AttachedLink::Pinned {
+                        link,
+                        path: path.clone(),
+                    },
+                    XdpAttachMode::Kept,
+                ));
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        let (id, mode) = match prog.attach(iface, XdpMode::Driver) {
+            Ok(id) => (id, XdpAttachMode::Native),
+            Err(_) => (prog.attach(iface, XdpMode::Skb)?, XdpAttachMode::Generic),
+        };
+        let link = FdLink::try_from(prog.take_link(id)?)?;
+        let Some(path) = pin else {
+            return Ok((AttachedLink::Fd(link), mode));
+        };
+        let link = FdLink::from(link.pin(&path)?);
+        Ok((AttachedLink::Pinned { link, path }, mode))
+    }
+
+    /// Detaches from an external interface (and unpins).
+    pub fn detach_external(&mut self, iface: &str) {
+        if let Some((a, _)) = self.external.remove(iface) {
+            for link in a.links {
+                link.detach();
+            }
+        }
+    }
+
+    /// External interfaces with their XDP mode.
+    pub fn external(&self) -> impl Iterator<Item = (&str, XdpAttachMode)> {
+        self.external.iter().map(|(i, (_, m))| (i.as_str(), *m))
+    }
+
+    /// Sets the node's source-NAT address and port range (host byte order, inclusive).
+    ///
+    /// # Errors
+    /// The map write failed.
+    pub fn set_snat(
+        &mut self,
+        addr: std::net::Ipv4Addr,
+        ports: (u16, u16),
+    ) -> anyhow::Result<bool> {
+        let config = NodeConfig {
+            snat_addr: u32::from_ne_bytes(addr.octets()),
+            snat_port_min: ports.0,
+            snat_port_max: ports.1,
+            ..self.node_config
+        };
+        if config == self.node_config {
+            return Ok(false);
+        }
+        self.node
+            .set(0, config, 0)
+            .context("writing the node's SNAT settings")?;
+        self.node_config = config;
+        Ok(true)
+    }
+
     /// Unpins links an earlier agent left for interfaces this one does not attach to.
     pub fn unpin_stale(&self) -> Vec<String> {
         let Some(dir) = &self.pin_dir else {
@@ -282,8 +439,10 @@ impl Datapath {
             let iface = name
                 .strip_suffix("_ingress")
                 .or_else(|| name.strip_suffix("_egress"))
+                .or_else(|| name.strip_suffix("_xdp"))
                 .unwrap_or(&name);
-            if !self.attached.contains_key(iface) && std::fs::remove_file(entry.path()).is_ok() {
+            let ours = self.attached.contains_key(iface) || self.external.contains_key(iface);
+            if !ours && std::fs::remove_file(entry.path()).is_ok() {
                 removed.push(name);
             }
         }
@@ -365,6 +524,18 @@ impl Datapath {
     /// Interfaces the programs are attached to.
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.attached.keys().map(String::as_str)
+    }
+
+    /// The loaded XDP program (for packet tests and benchmarks).
+    ///
+    /// # Errors
+    /// The object has no such program.
+    pub fn xdp_program(&self) -> anyhow::Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .program(prog_names::FROM_EXTERNAL)
+            .ok_or_else(|| anyhow!("program {} missing", prog_names::FROM_EXTERNAL))?
+            .try_into()?)
     }
 
     fn classifier(&mut self, name: &str) -> anyhow::Result<&mut SchedClassifier> {
@@ -450,6 +621,16 @@ impl MapWriter for Datapath {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(e.into()),
             },
+            Op::UpsertSourceRange(r) => {
+                self.source_ranges
+                    .insert(&Key::new(r.prefix_len, r.key), 1, 0)?;
+            }
+            Op::DeleteSourceRange(r) => {
+                match self.source_ranges.remove(&Key::new(r.prefix_len, r.key)) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
         }
         Ok(())
     }

@@ -70,6 +70,49 @@ pub fn ifindex(name: &str) -> Option<u32> {
     (idx != 0).then_some(idx)
 }
 
+/// The IPv4 addresses of this network namespace's interfaces (for `--nodeport-addresses` CIDRs).
+#[must_use]
+pub fn local_addresses() -> Vec<Ipv4Addr> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: `getifaddrs` fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list `getifaddrs` returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null()
+            // SAFETY: a non-null `ifa_addr` points at a sockaddr of its family.
+            && i32::from(unsafe { (*ifa.ifa_addr).sa_family }) == libc::AF_INET
+        {
+            // SAFETY: an AF_INET address is a `sockaddr_in`.
+            let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+            out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: frees the list `getifaddrs` allocated, once.
+    unsafe { libc::freeifaddrs(head) };
+    out
+}
+
+/// The node's ephemeral port range (`net.ipv4.ip_local_port_range`), which source NAT must stay
+/// out of.
+///
+/// # Errors
+/// The sysctl cannot be read or parsed.
+pub fn ephemeral_ports() -> anyhow::Result<(u16, u16)> {
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = std::fs::read_to_string(path)?;
+    let mut parts = text.split_whitespace().map(str::parse::<u16>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) => Ok((lo, hi)),
+        _ => anyhow::bail!("{path}: unexpected contents {text:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

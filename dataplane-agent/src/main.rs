@@ -4,6 +4,20 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use dataplane_agent::agent::{Config, Source, run};
+use dataplane_core::reconcile::NodePortAddresses;
+
+/// `MIN-MAX`, inclusive.
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let parse = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("{p:?} is not a port"))
+    };
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not MIN-MAX"))?;
+    Ok((parse(lo)?, parse(hi)?))
+}
 
 #[derive(Parser)]
 #[command(version, about = "eBPF kube-proxy replacement: per-node agent")]
@@ -16,40 +30,7 @@ struct Cli {
 enum Command {
     /// Program this node's datapath from the Kubernetes API (or a manifests directory) and keep it
     /// in sync.
-    Run {
-        /// This node's name (Pods with this spec.nodeName are local).
-        #[arg(long, env = "NODE_NAME")]
-        node_name: String,
-        /// Directory of Kubernetes YAML manifests to read and watch instead of the API server.
-        #[arg(long, conflicts_with = "kubeconfig")]
-        manifests: Option<PathBuf>,
-        /// Kubeconfig for the API server; without it (and without --manifests) the in-cluster
-        /// configuration is used.
-        #[arg(long)]
-        kubeconfig: Option<PathBuf>,
-        /// Where to write status JSON (programmed generation, manifest fingerprint, counters).
-        #[arg(long, env = "DATAPLANE_STATUS_FILE")]
-        status_file: Option<PathBuf>,
-        /// How often the manifests directory is checked for changes, in milliseconds.
-        #[arg(long, default_value_t = 100)]
-        poll_ms: u64,
-        /// Address for /healthz, /readyz and /metrics (loopback by default, as kube-proxy's metrics).
-        #[arg(
-            long,
-            env = "DATAPLANE_HTTP_BIND_ADDRESS",
-            default_value = "127.0.0.1:10256"
-        )]
-        http_bind_address: std::net::SocketAddr,
-        /// A directory on a bpffs where conntrack and the program links are pinned, so that
-        /// connections and the datapath survive agent restarts and upgrades.
-        #[arg(long, env = "DATAPLANE_BPFFS")]
-        bpffs: Option<PathBuf>,
-        /// A cgroup v2 directory for the socket hooks: processes in it (or below it) in this
-        /// node's own network namespace reach ClusterIPs at connect()/sendmsg(). Without it, only
-        /// pods are translated (at their interfaces).
-        #[arg(long, env = "DATAPLANE_SOCKET_CGROUP")]
-        socket_cgroup: Option<PathBuf>,
-    },
+    Run(Box<RunArgs>),
     /// Remove the iptables chains (KUBE-*) and nftables tables (kube-proxy) kube-proxy leaves on
     /// this node, and report what was removed.
     CleanupKubeProxy {
@@ -57,6 +38,55 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// This node's name (Pods with this spec.nodeName are local).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Directory of Kubernetes YAML manifests to read and watch instead of the API server.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for the API server; without it (and without --manifests) the in-cluster
+    /// configuration is used.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Where to write status JSON (programmed generation, manifest fingerprint, counters).
+    #[arg(long, env = "DATAPLANE_STATUS_FILE")]
+    status_file: Option<PathBuf>,
+    /// How often the manifests directory is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    poll_ms: u64,
+    /// Address for /healthz, /readyz and /metrics (loopback by default, as kube-proxy's metrics).
+    #[arg(
+        long,
+        env = "DATAPLANE_HTTP_BIND_ADDRESS",
+        default_value = "127.0.0.1:10256"
+    )]
+    http_bind_address: std::net::SocketAddr,
+    /// A directory on a bpffs where conntrack and the program links are pinned, so that
+    /// connections and the datapath survive agent restarts and upgrades.
+    #[arg(long, env = "DATAPLANE_BPFFS")]
+    bpffs: Option<PathBuf>,
+    /// A cgroup v2 directory for the socket hooks: processes in it (or below it) in this
+    /// node's own network namespace reach ClusterIPs at connect()/sendmsg(). Without it, only
+    /// pods are translated (at their interfaces).
+    #[arg(long, env = "DATAPLANE_SOCKET_CGROUP")]
+    socket_cgroup: Option<PathBuf>,
+    /// The node's external interfaces (comma-separated): NodePort, LoadBalancer and
+    /// externalIP traffic from outside the node is translated there (XDP). Without them,
+    /// only pods and the node's own processes reach those addresses.
+    #[arg(long, env = "DATAPLANE_EXTERNAL_INTERFACES", value_delimiter = ',')]
+    external_interfaces: Vec<String>,
+    /// Where NodePorts answer: `primary` (the Node's InternalIPs) or comma-separated CIDRs
+    /// (the node's interface addresses inside them), as kube-proxy's flag.
+    #[arg(long, env = "DATAPLANE_NODEPORT_ADDRESSES", default_value = "primary")]
+    nodeport_addresses: NodePortAddresses,
+    /// Source ports for external traffic forwarded to another node's backend, `MIN-MAX`;
+    /// must lie outside net.ipv4.ip_local_port_range.
+    #[arg(long, env = "DATAPLANE_SNAT_PORTS", default_value = "61000-65535", value_parser = parse_port_range)]
+    snat_ports: (u16, u16),
 }
 
 fn main() -> std::process::ExitCode {
@@ -80,16 +110,20 @@ fn main_inner() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run {
-            node_name,
-            manifests,
-            kubeconfig,
-            status_file,
-            poll_ms,
-            http_bind_address,
-            bpffs,
-            socket_cgroup,
-        } => {
+        Command::Run(args) => {
+            let RunArgs {
+                node_name,
+                manifests,
+                kubeconfig,
+                status_file,
+                poll_ms,
+                http_bind_address,
+                bpffs,
+                socket_cgroup,
+                external_interfaces,
+                nodeport_addresses,
+                snat_ports,
+            } = *args;
             let config = Config {
                 node_name,
                 source: match manifests {
@@ -101,6 +135,9 @@ fn main_inner() -> anyhow::Result<()> {
                 http_bind: Some(http_bind_address),
                 bpffs,
                 socket_cgroup,
+                external_interfaces,
+                nodeport_addresses,
+                snat_ports,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -1,6 +1,7 @@
 //! Packet tests of both TC programs through the real kernel (BPF_PROG_TEST_RUN), as a table:
 //! map contents, input packet, expected verdict, expected output packet and map side effects.
 //! They need root; without it they fail, they never skip.
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use aya::{TestRun as _, TestRunOptions};
@@ -11,7 +12,7 @@ use dataplane_core::fixtures::packet::{
 };
 use dataplane_core::maps::{MapState, backend_value, diff, service_entries};
 use dataplane_core::reconcile::MapWriter as _;
-use dataplane_core::translate::{BackendAddr, Frontend, Proto};
+use dataplane_core::translate::{BackendAddr, Frontend, FrontendSpec, Proto};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -39,18 +40,27 @@ fn add_service(dp: &mut Datapath, vip: &str, port: u16, proto: Proto, backends: 
         proto,
     };
     let mut state = MapState::default();
-    let mut ids = Vec::new();
+    let mut ids = BTreeMap::new();
+    let mut spec = FrontendSpec {
+        frontend: fe,
+        backends: Vec::new(),
+        drop_empty: false,
+        external: None,
+        source_ranges: Vec::new(),
+    };
     for (i, (addr, bport)) in backends.iter().enumerate() {
         let id = u32::from(port) * 100 + i as u32;
         let b = BackendAddr {
             addr: addr.parse().unwrap(),
             port: *bport,
             proto,
+            local: false,
         };
         state.backends.insert(id, backend_value(b));
-        ids.push(id);
+        ids.insert(b, id);
+        spec.backends.push(b);
     }
-    service_entries(fe, 7, &ids, &mut state);
+    service_entries(&spec, 7, &ids, &mut state);
     for op in diff(&MapState::default(), &state) {
         dp.write(&op).unwrap();
     }

@@ -1,7 +1,7 @@
-//! The `BACKENDS` map: backend id -> address, port, protocol, state.
+//! The `BACKENDS` map: backend id -> address, port, protocol, flags.
 
-/// Backend states.
-pub const BACKEND_ACTIVE: u8 = 0;
+/// The backend runs on this node: traffic from outside reaches it without source NAT.
+pub const BACKEND_LOCAL: u8 = 1;
 
 /// Value of the `BACKENDS` map.
 #[repr(C)]
@@ -12,7 +12,8 @@ pub struct Backend {
     /// Backend port, network byte order.
     pub port: u16,
     pub proto: u8,
-    pub state: u8,
+    /// `BACKEND_*` bits.
+    pub flags: u8,
 }
 
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);

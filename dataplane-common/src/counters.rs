@@ -28,10 +28,20 @@ pub enum DropReason {
     /// A socket hook could not record a translated socket's peer; the connect or send was refused
     /// rather than leave replies untranslatable.
     SockRevNatFailed = 6,
+    /// Traffic from outside to a frontend with no backend it may use: `externalTrafficPolicy:
+    /// Local` without a local endpoint, `internalTrafficPolicy: Local` without one (dropped, as
+    /// kube-proxy does), or no endpoint at all (dropped from the external interfaces).
+    NoLocalBackend = 7,
+    /// A client outside a LoadBalancer frontend's `loadBalancerSourceRanges`.
+    SourceRange = 8,
+    /// Source NAT for external traffic to a remote backend found no free port (or no address is
+    /// configured yet), or a source-NATed flow lost its reply entry: dropped, never delivered to
+    /// another client.
+    SnatFailed = 9,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 10;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         DropReason::Malformed,
         DropReason::NoBackend,
@@ -40,6 +50,9 @@ impl DropReason {
         DropReason::RejectFailed,
         DropReason::BackendMissing,
         DropReason::SockRevNatFailed,
+        DropReason::NoLocalBackend,
+        DropReason::SourceRange,
+        DropReason::SnatFailed,
     ];
 
     /// Stable label for metrics and reports.
@@ -53,6 +66,9 @@ impl DropReason {
             DropReason::RejectFailed => "reject_failed",
             DropReason::BackendMissing => "backend_missing",
             DropReason::SockRevNatFailed => "sock_revnat_failed",
+            DropReason::NoLocalBackend => "no_local_backend",
+            DropReason::SourceRange => "source_range",
+            DropReason::SnatFailed => "snat_failed",
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The `CONNTRACK` map: one entry per direction of a tracked connection.
 //!
 //! ```text
-//!  {saddr, daddr, sport, dport, proto, dir} --> {nat addr/port, backend, rev_nat, flags, seen}
+//!  {saddr, daddr, sport, dport, proto, dir} --> {nat addr/port, backend, rev_nat, flags, seen,
+//!                                                snat addr/port}
 //! ```
 
 /// Conntrack direction: the client's packets towards the service address.
@@ -28,12 +29,19 @@ pub const CT_FLAG_CLOSING: u16 = 1;
 /// accepts the packet, and the reply comes back to the pod's own interface.
 pub const CT_FLAG_HAIRPIN: u16 = 2;
 
+/// The connection came from outside the node to a backend on another node, and is source-NATed
+/// to this node (`externalTrafficPolicy: Cluster`): the forward entry's `snat_*` is the node's
+/// address and allocated port (source rewrite), the reply entry's is the client (destination
+/// rewrite).
+pub const CT_FLAG_SNAT: u16 = 4;
+
 /// Source address of hairpinned connections (a pod that reached itself through a service),
 /// network byte order: 169.254.42.1, link-local and never a pod or node address.
 pub const HAIRPIN_ADDR: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
 
 /// Value of the `CONNTRACK` map. For `CT_DIR_SERVICE` the NAT address is the backend (destination
-/// rewrite); for `CT_DIR_REPLY` it is the service address (source rewrite).
+/// rewrite); for `CT_DIR_REPLY` it is the service address (source rewrite). With `CT_FLAG_SNAT`,
+/// `snat_*` is the other end's rewrite (see there).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CtValue {
@@ -45,10 +53,13 @@ pub struct CtValue {
     pub pad: u16,
     /// `bpf_ktime_get_ns` when the entry was created or last refreshed (refreshed at most once a second).
     pub last_seen_ns: u64,
+    pub snat_addr: u32,
+    pub snat_port: u16,
+    pub pad2: u16,
 }
 
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
 
 #[cfg(feature = "user")]
 // SAFETY: `#[repr(C)]`, `Copy`, explicit padding fields and no pointers: any bit pattern is a valid

@@ -4,12 +4,14 @@
 //!  SERVICES  {vip, port, proto, scope, slot} --slot 0--> header {count, rev_nat_id, flags}
 //!                                            --slot i--> {backend_id}
 //!  BACKENDS  backend_id --> {addr, port, proto, state}
-//!  CONNTRACK {saddr, daddr, sport, dport, proto, dir} --> {nat addr/port, backend, rev_nat, flags, seen}
+//!  CONNTRACK {saddr, daddr, sport, dport, proto, dir} --> {nat addr/port, backend, rev_nat, flags, seen,
+//!                                                         snat addr/port}
+//!  SOURCE_RANGES LPM {rev_nat_id, client prefix} --> () (loadBalancerSourceRanges)
 //!  DROPS     per-CPU [DropReason] --> packets
 //!  SVC_STATS per-CPU [rev_nat_id] --> {packets, bytes}
 //!  CLOCK     [0] --> CLOCK_MONOTONIC ns, written by the agent (conntrack timestamps)
 //!  SOCK_REVNAT {cookie, backend addr, port} --> {frontend addr, port, rev_nat_id} (socket hooks)
-//!  NODE      [0] --> {node netns cookie}, written by the agent
+//!  NODE      [0] --> {node netns cookie, SNAT address and ports}, written by the agent
 //! ```
 //!
 //! One module per map family (`service`, `backend`, `ct`, `counters`), re-exported here. Every
@@ -34,12 +36,13 @@ pub use sock::*;
 pub mod map_names {
     pub const SERVICES: &str = "SERVICES_V1";
     pub const BACKENDS: &str = "BACKENDS_V1";
-    pub const CONNTRACK: &str = "CONNTRACK_V1";
+    pub const CONNTRACK: &str = "CONNTRACK_V2";
     pub const DROPS: &str = "DROPS_V1";
     pub const SVC_STATS: &str = "SVC_STATS_V1";
     pub const CLOCK: &str = "CLOCK_V1";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT_V1";
-    pub const NODE: &str = "NODE_V1";
+    pub const NODE: &str = "NODE_V2";
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES_V1";
 }
 
 /// Program names as they appear in the eBPF object.
@@ -56,12 +59,18 @@ pub mod prog_names {
     pub const RECVMSG4: &str = "sock_recvmsg4";
     /// cgroup getpeername4: a translated socket's peer shows as the frontend.
     pub const GETPEERNAME4: &str = "sock_getpeername4";
+    /// XDP on the node's external interfaces: NodePort, LoadBalancer and externalIP traffic from
+    /// outside, and the replies of source-NATed flows.
+    pub const FROM_EXTERNAL: &str = "from_external";
+    /// TC egress on the node's external interfaces: replies of local backends to external clients.
+    pub const TO_EXTERNAL: &str = "to_external";
 }
 
 pub const MAX_SERVICE_ENTRIES: u32 = 1 << 20;
 pub const MAX_BACKENDS: u32 = 1 << 18;
 pub const MAX_CONNTRACK: u32 = 1 << 18;
 pub const MAX_SOCK_REVNAT: u32 = 1 << 18;
+pub const MAX_SOURCE_RANGES: u32 = 1 << 16;
 /// Reverse-NAT ids index `SVC_STATS`; id 0 is never allocated.
 pub const MAX_REV_NAT_IDS: u32 = 1 << 16;
 

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  SOCK_REVNAT {socket cookie, backend addr, backend port} --> {frontend addr, port, rev_nat_id}
-//!  NODE        [0] --> {netns cookie of the node's own network namespace}
+//!  NODE        [0] --> {node netns cookie, SNAT address, SNAT port range}
 //! ```
 
 /// Key of `SOCK_REVNAT`: a socket and the backend it was sent to.
@@ -29,18 +29,25 @@ pub struct SockRevValue {
     pub rev_nat_id: u16,
 }
 
-/// Value of `NODE`: sockets of other network namespaces (pods in a cgroup below the hooks') are
-/// left to the TC programs.
+/// Value of `NODE`: what the datapath needs to know about this node, written by the agent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeConfig {
-    /// `SO_NETNS_COOKIE` of the node's network namespace; 0 (unset) translates nothing.
+    /// `SO_NETNS_COOKIE` of the node's network namespace; 0 (unset) translates nothing at the
+    /// socket (sockets of other namespaces, pods in a cgroup below the hooks', are left to TC).
     pub netns_cookie: u64,
+    /// Source address of source-NATed external traffic (the node's primary InternalIP), network
+    /// byte order; 0 (unknown yet) drops what would need it (`SnatFailed`).
+    pub snat_addr: u32,
+    /// Source ports for that traffic, host byte order, inclusive; outside the node's
+    /// `ip_local_port_range`, so they never collide with the node's own connections.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
 }
 
 const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
 const _: () = assert!(core::mem::size_of::<SockRevValue>() == 8);
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
 
 #[cfg(feature = "user")]
 // SAFETY: `#[repr(C)]`, `Copy`, explicit padding fields and no pointers: any bit pattern is a valid

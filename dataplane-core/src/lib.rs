@@ -18,6 +18,7 @@ pub mod fixtures;
 pub mod index;
 pub mod manifest;
 pub mod maps;
+pub mod net;
 pub mod object;
 pub mod pipeline;
 pub mod reconcile;

@@ -5,23 +5,37 @@
 //! [`crate::table::Plan`]):
 //!
 //! ```text
-//!  1 upsert backends   2 upsert slots 1..n   3 upsert headers     (a header never points past
-//!  4 delete headers    5 delete slots        6 delete backends     written slots or backends)
+//!  1 upsert backends   2 upsert slots 1..n, source ranges   3 upsert headers
+//!  4 delete headers    5 delete slots, source ranges        6 delete backends
 //! ```
+//! (a header never points past written slots or backends, nor admits by ranges not yet written).
 use std::collections::BTreeMap;
 
-use dataplane_common::{BACKEND_ACTIVE, Backend, SCOPE_CLUSTER, ServiceKey, ServiceValue};
+use dataplane_common::{
+    BACKEND_LOCAL, Backend, SCOPE_CLUSTER, SCOPE_EXTERNAL, SOURCE_RANGE_ID_BITS,
+    SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue,
+    SourceRangeKey,
+};
 
 use crate::table::Plan;
-use crate::translate::{BackendAddr, Frontend};
+use crate::translate::{BackendAddr, Frontend, FrontendSpec};
 
 /// One map write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     UpsertBackend(u32, Backend),
     UpsertService(ServiceKey, ServiceValue),
+    UpsertSourceRange(SourceRange),
     DeleteService(ServiceKey),
+    DeleteSourceRange(SourceRange),
     DeleteBackend(u32),
+}
+
+/// One `SOURCE_RANGES` entry: the trie key and its prefix length (in bits, id included).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SourceRange {
+    pub key: SourceRangeKey,
+    pub prefix_len: u32,
 }
 
 /// The contents of the translation maps (or a part of them).
@@ -29,6 +43,7 @@ pub enum Op {
 pub struct MapState {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
+    pub source_ranges: BTreeMap<SourceRange, ()>,
 }
 
 impl MapState {
@@ -47,6 +62,12 @@ impl MapState {
                 }
                 Op::DeleteBackend(id) => {
                     self.backends.remove(&id);
+                }
+                Op::UpsertSourceRange(r) => {
+                    self.source_ranges.insert(r, ());
+                }
+                Op::DeleteSourceRange(r) => {
+                    self.source_ranges.remove(&r);
                 }
             }
         }
@@ -72,6 +93,13 @@ pub fn diff(old: &MapState, new: &MapState) -> Vec<Op> {
         Op::DeleteService,
     )
     .layer(
+        &old.source_ranges,
+        &new.source_ranges,
+        |_| true,
+        |r, ()| Op::UpsertSourceRange(r),
+        Op::DeleteSourceRange,
+    )
+    .layer(
         &old.services,
         &new.services,
         |k| k.slot == 0,
@@ -81,14 +109,14 @@ pub fn diff(old: &MapState, new: &MapState) -> Vec<Op> {
     plan.into_ops()
 }
 
-/// The map key of a frontend's slot.
+/// The map key of a frontend's slot in one scope (`SCOPE_*`).
 #[must_use]
-pub fn service_key(frontend: Frontend, slot: u16) -> ServiceKey {
+pub fn service_key(frontend: Frontend, scope: u8, slot: u16) -> ServiceKey {
     ServiceKey {
         addr: u32::from_ne_bytes(frontend.addr.octets()),
         port: frontend.port.to_be(),
         proto: frontend.proto.number(),
-        scope: SCOPE_CLUSTER,
+        scope,
         slot,
         pad: 0,
     }
@@ -101,33 +129,95 @@ pub fn backend_value(b: BackendAddr) -> Backend {
         addr: u32::from_ne_bytes(b.addr.octets()),
         port: b.port.to_be(),
         proto: b.proto.number(),
-        state: BACKEND_ACTIVE,
+        flags: if b.local { BACKEND_LOCAL } else { 0 },
     }
 }
 
-/// A frontend's entries: its header (slot 0: backend count and reverse-NAT id), then one slot per
-/// backend id, in order.
+/// A frontend's entries: per scope its header (slot 0: backend count, reverse-NAT id, flags),
+/// then one slot per backend id, in order; and its source ranges. `ids` holds the backend id of
+/// every backend of the spec; one without an id is left out.
 pub fn service_entries(
-    frontend: Frontend,
+    spec: &FrontendSpec,
     rev_nat_id: u16,
-    backend_ids: &[u32],
+    ids: &BTreeMap<BackendAddr, u32>,
     state: &mut MapState,
 ) {
+    let ranges = if spec.source_ranges.is_empty() {
+        0
+    } else {
+        SVC_FLAG_SOURCE_RANGES
+    };
+    let internal = if spec.drop_empty {
+        SVC_FLAG_DROP_EMPTY
+    } else {
+        0
+    };
+    scope_entries(
+        spec.frontend,
+        SCOPE_CLUSTER,
+        internal | ranges,
+        rev_nat_id,
+        &spec.backends,
+        ids,
+        state,
+    );
+    if let Some(external) = &spec.external {
+        let flags = if external.local {
+            SVC_FLAG_EXTERNAL_LOCAL | SVC_FLAG_DROP_EMPTY
+        } else {
+            0
+        };
+        scope_entries(
+            spec.frontend,
+            SCOPE_EXTERNAL,
+            flags | ranges,
+            rev_nat_id,
+            &external.backends,
+            ids,
+            state,
+        );
+    }
+    for range in &spec.source_ranges {
+        let key = SourceRange {
+            key: SourceRangeKey {
+                rev_nat_id,
+                pad: 0,
+                addr: u32::from_ne_bytes(range.addr.octets()),
+            },
+            prefix_len: SOURCE_RANGE_ID_BITS + u32::from(range.len),
+        };
+        state.source_ranges.insert(key, ());
+    }
+}
+
+fn scope_entries(
+    frontend: Frontend,
+    scope: u8,
+    flags: u32,
+    rev_nat_id: u16,
+    backends: &[BackendAddr],
+    ids: &BTreeMap<BackendAddr, u32>,
+    state: &mut MapState,
+) {
+    let backend_ids: Vec<u32> = backends
+        .iter()
+        .filter_map(|b| ids.get(b).copied())
+        .collect();
     let count = u16::try_from(backend_ids.len()).unwrap_or(u16::MAX);
     state.services.insert(
-        service_key(frontend, 0),
+        service_key(frontend, scope, 0),
         ServiceValue {
             backend_id: 0,
             count,
             rev_nat_id,
-            flags: 0,
+            flags,
         },
     );
     for (slot, id) in (1..=count).zip(backend_ids) {
         state.services.insert(
-            service_key(frontend, slot),
+            service_key(frontend, scope, slot),
             ServiceValue {
-                backend_id: *id,
+                backend_id: id,
                 count: 0,
                 rev_nat_id,
                 flags: 0,
@@ -144,49 +234,77 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::translate::Proto;
+    use crate::net::Cidr;
+    use crate::translate::{ExternalSpec, Proto};
 
-    /// A consistent state: every header's slots and their backends exist.
+    fn backend(id: u32, port: u16) -> BackendAddr {
+        BackendAddr {
+            addr: Ipv4Addr::from(0x0a00_0000 + id),
+            port,
+            proto: Proto::Tcp,
+            local: id.is_multiple_of(2),
+        }
+    }
+
+    /// A consistent state: every header's slots and their backends exist. Odd services are also
+    /// reachable from outside (with every other backend), every third has a source range.
     fn state(services: &BTreeMap<u8, Vec<u32>>, backends: &BTreeMap<u32, u16>) -> MapState {
         let mut s = MapState::default();
-        for (id, port) in backends {
-            s.backends.insert(
-                *id,
-                Backend {
-                    addr: *id,
-                    port: *port,
-                    proto: 6,
-                    state: 0,
-                },
-            );
+        let ids: BTreeMap<BackendAddr, u32> = backends
+            .iter()
+            .map(|(id, port)| (backend(*id, *port), *id))
+            .collect();
+        for (b, id) in &ids {
+            s.backends.insert(*id, backend_value(*b));
         }
-        for (svc, ids) in services {
-            let fe = Frontend {
-                addr: Ipv4Addr::new(10, 96, 0, *svc),
-                port: 80,
-                proto: Proto::Tcp,
-            };
-            let ids: Vec<u32> = ids
+        for (svc, members) in services {
+            let mine: Vec<BackendAddr> = members
                 .iter()
-                .filter(|i| backends.contains_key(i))
-                .copied()
+                .filter_map(|i| backends.get(i).map(|p| backend(*i, *p)))
                 .collect();
-            service_entries(fe, u16::from(*svc), &ids, &mut s);
+            let spec = FrontendSpec {
+                frontend: Frontend {
+                    addr: Ipv4Addr::new(10, 96, 0, *svc),
+                    port: 80,
+                    proto: Proto::Tcp,
+                },
+                external: (!svc.is_multiple_of(2)).then(|| ExternalSpec {
+                    backends: mine.iter().step_by(2).copied().collect(),
+                    local: svc % 4 == 1,
+                }),
+                source_ranges: if svc.is_multiple_of(3) {
+                    vec![Cidr {
+                        addr: Ipv4Addr::new(192, 0, 2, 0),
+                        len: 24 + svc % 8,
+                    }]
+                } else {
+                    Vec::new()
+                },
+                backends: mine,
+                drop_empty: svc.is_multiple_of(5),
+            };
+            service_entries(&spec, u16::from(*svc), &ids, &mut s);
         }
         s
     }
 
-    /// What a packet could see: every header's slots exist and point at existing backends.
+    /// What a packet could see: every header's slots exist and point at existing backends, and a
+    /// header that admits by source ranges has its ranges.
     fn no_half_service(s: &MapState) -> bool {
         s.services
             .iter()
             .filter(|(k, _)| k.slot == 0)
             .all(|(k, h)| {
-                (1..=h.count).all(|slot| {
-                    s.services
-                        .get(&ServiceKey { slot, ..*k })
-                        .is_some_and(|v| s.backends.contains_key(&v.backend_id))
-                })
+                let ranges = h.flags & SVC_FLAG_SOURCE_RANGES == 0
+                    || s.source_ranges
+                        .keys()
+                        .any(|r| r.key.rev_nat_id == h.rev_nat_id);
+                ranges
+                    && (1..=h.count).all(|slot| {
+                        s.services
+                            .get(&ServiceKey { slot, ..*k })
+                            .is_some_and(|v| s.backends.contains_key(&v.backend_id))
+                    })
             })
     }
 

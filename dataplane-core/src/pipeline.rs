@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use dataplane_common::{MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICE_ENTRIES, SvcStats, map_names};
 
-use crate::index::{Dirty, Index};
-use crate::reconcile::{MapWriter, Reconciler, SyncProblem};
+use crate::index::{Dirty, Index, Target};
+use crate::reconcile::{MapWriter, NodePortAddresses, Reconciler, SyncProblem, SyncReport};
 use crate::source::{Batch, Event, SourceWarning};
 use crate::status::{Histogram, MapUsage, ServiceStatus, Status, by_label};
 
@@ -50,13 +50,33 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// The pipeline of node `node` (its NodePorts answer on its Node's InternalIPs).
+    /// The pipeline of node `node`, its NodePorts answering on `nodeport_addresses`.
     #[must_use]
-    pub fn for_node(node: &str) -> Self {
+    pub fn for_node(node: &str, nodeport_addresses: NodePortAddresses) -> Self {
         Self {
-            reconciler: Reconciler::for_node(node),
+            reconciler: Reconciler::for_node(node, nodeport_addresses),
             ..Self::default()
         }
+    }
+
+    /// Records the node's interface addresses; NodePorts that move with them are rewritten.
+    pub fn set_local_addresses(
+        &mut self,
+        addrs: Vec<std::net::Ipv4Addr>,
+        writer: &mut dyn MapWriter,
+    ) -> SyncReport {
+        if !self.reconciler.set_local_addresses(addrs) {
+            return SyncReport::default();
+        }
+        let mut dirty = Dirty::default();
+        if let Some(node) = self.reconciler.node() {
+            dirty.insert(Target::Node(node.to_owned()));
+        }
+        let report = self.reconciler.sync(&self.index, &dirty, writer);
+        for problem in &report.problems {
+            self.count_error(problem.metric_label(), 1);
+        }
+        report
     }
 
     /// Applies one batch: index, then every target it dirtied. Warnings and problems are counted

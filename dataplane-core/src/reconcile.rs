@@ -10,14 +10,18 @@
 //! service that uses it, reference-counted) are allocated here and stay stable while in use, so an
 //! endpoint change rewrites one slot, not the service.
 use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
 
 use dataplane_common::{MAX_BACKENDS, MAX_REV_NAT_IDS};
 
 use crate::index::{Dirty, Index, Target};
 use crate::maps::{MapState, Op, backend_value, diff, service_entries};
+use crate::net::{Cidr, CidrError};
 use crate::object::NsName;
 use crate::table::IdPool;
-use crate::translate::{BackendAddr, Frontend, FrontendSpec, TranslateError, translate_service_on};
+use crate::translate::{
+    BackendAddr, Frontend, FrontendSpec, NodeView, TranslateError, translate_service_on,
+};
 
 /// Where map writes go: the kernel maps, or a [`MapState`] in tests.
 pub trait MapWriter {
@@ -105,12 +109,41 @@ impl SyncProblem {
     }
 }
 
+/// Where NodePorts answer, as kube-proxy's `--nodeport-addresses`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// The Node's InternalIPs (kube-proxy's `primary`, and its default since 1.31): the
+    /// addresses other nodes and load balancers use.
+    #[default]
+    Primary,
+    /// The node's own interface addresses inside these prefixes.
+    Cidrs(Vec<Cidr>),
+}
+
+impl std::str::FromStr for NodePortAddresses {
+    type Err = CidrError;
+
+    /// `primary`, or comma-separated CIDRs.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim() == "primary" {
+            return Ok(NodePortAddresses::Primary);
+        }
+        s.split(',')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map(NodePortAddresses::Cidrs)
+    }
+}
+
 /// Keeps the translation maps equal to what the index says, one service at a time.
 #[derive(Clone, Debug)]
 pub struct Reconciler {
-    /// This node's name: its Node's InternalIPs are where NodePorts answer. `None` (tests, the
-    /// benchmark) programs no NodePort.
+    /// This node's name: its endpoints are local, and (with `Primary`) its Node's InternalIPs
+    /// are where NodePorts answer. `None` (tests, the benchmark) programs no NodePort.
     node: Option<String>,
+    nodeport_addresses: NodePortAddresses,
+    /// The node's interface addresses (for `NodePortAddresses::Cidrs`), from the agent.
+    local_addresses: Vec<Ipv4Addr>,
     programmed: BTreeMap<NsName, Vec<FrontendSpec>>,
     /// Which service owns each frontend; a second service claiming it is refused.
     owners: HashMap<Frontend, NsName>,
@@ -124,6 +157,8 @@ impl Default for Reconciler {
     fn default() -> Self {
         Self {
             node: None,
+            nodeport_addresses: NodePortAddresses::Primary,
+            local_addresses: Vec::new(),
             programmed: BTreeMap::new(),
             owners: HashMap::new(),
             rev_nat_ids: HashMap::new(),
@@ -135,12 +170,51 @@ impl Default for Reconciler {
 }
 
 impl Reconciler {
-    /// A reconciler for node `node` (its NodePorts answer on that Node's InternalIPs).
+    /// A reconciler for node `node`, its NodePorts answering on `nodeport_addresses`.
     #[must_use]
-    pub fn for_node(node: &str) -> Self {
+    pub fn for_node(node: &str, nodeport_addresses: NodePortAddresses) -> Self {
         Self {
             node: Some(node.to_owned()),
+            nodeport_addresses,
             ..Self::default()
+        }
+    }
+
+    /// Records the node's interface addresses; `true` when that moves NodePorts (the caller
+    /// then syncs `Target::Node` of this node).
+    pub fn set_local_addresses(&mut self, mut addrs: Vec<Ipv4Addr>) -> bool {
+        addrs.sort();
+        addrs.dedup();
+        if addrs == self.local_addresses {
+            return false;
+        }
+        self.local_addresses = addrs;
+        matches!(self.nodeport_addresses, NodePortAddresses::Cidrs(_))
+    }
+
+    /// This node's name, if it has one.
+    #[must_use]
+    pub fn node(&self) -> Option<&str> {
+        self.node.as_deref()
+    }
+
+    /// What translation needs to know about this node.
+    fn node_view(&self, index: &Index) -> NodeView {
+        let Some(name) = &self.node else {
+            return NodeView::default();
+        };
+        let nodeport_addresses = match &self.nodeport_addresses {
+            NodePortAddresses::Primary => index.node_internal_ips(name),
+            NodePortAddresses::Cidrs(cidrs) => self
+                .local_addresses
+                .iter()
+                .filter(|a| cidrs.iter().any(|c| c.contains(**a)))
+                .copied()
+                .collect(),
+        };
+        NodeView {
+            name: Some(name.clone()),
+            nodeport_addresses,
         }
     }
 
@@ -196,18 +270,10 @@ impl Reconciler {
         writer: &mut dyn MapWriter,
     ) -> SyncReport {
         let mut report = SyncReport::default();
-        let desired =
-            match index.services.get(svc) {
-                None => Vec::new(),
-                Some(service) => match translate_service_on(
-                    service,
-                    &index.slices_of(svc),
-                    &self
-                        .node
-                        .as_deref()
-                        .map(|n| index.node_internal_ips(n))
-                        .unwrap_or_default(),
-                ) {
+        let desired = match index.services.get(svc) {
+            None => Vec::new(),
+            Some(service) => {
+                match translate_service_on(service, &index.slices_of(svc), &self.node_view(index)) {
                     Ok(t) => {
                         report
                             .problems
@@ -226,8 +292,9 @@ impl Reconciler {
                         });
                         return report;
                     }
-                },
-            };
+                }
+            }
+        };
         let desired = self.claim(svc, desired, &mut report.problems);
         let old = self.programmed.remove(svc).unwrap_or_default();
 
@@ -241,27 +308,28 @@ impl Reconciler {
                 });
                 continue;
             };
-            let mut ids = Vec::with_capacity(spec.backends.len());
-            for b in &spec.backends {
+            let mut ids = BTreeMap::new();
+            for b in spec.all_backends() {
                 match self.acquire_backend(*b, &mut new_state) {
-                    Some(id) => ids.push(id),
+                    Some(id) => {
+                        ids.insert(*b, id);
+                    }
                     None => report.problems.push(SyncProblem::BackendTableFull {
                         service: svc.clone(),
                     }),
                 }
             }
-            service_entries(spec.frontend, rev_nat_id, &ids, &mut new_state);
+            service_entries(spec, rev_nat_id, &ids, &mut new_state);
         }
         for spec in &old {
             let Some(&rev_nat_id) = self.rev_nat_ids.get(&spec.frontend) else {
                 continue;
             };
-            let ids: Vec<u32> = spec
-                .backends
-                .iter()
-                .filter_map(|b| self.release_backend(*b, &mut old_state))
+            let ids: BTreeMap<BackendAddr, u32> = spec
+                .all_backends()
+                .filter_map(|b| Some((*b, self.release_backend(*b, &mut old_state)?)))
                 .collect();
-            service_entries(spec.frontend, rev_nat_id, &ids, &mut old_state);
+            service_entries(spec, rev_nat_id, &ids, &mut old_state);
         }
         for spec in &old {
             if !desired.iter().any(|d| d.frontend == spec.frontend) {
@@ -372,7 +440,11 @@ mod tests {
     /// The maps read back as frontend -> backend addresses, following ids like the datapath.
     fn resolve(s: &MapState) -> BTreeMap<(u32, u16), BTreeSet<(u32, u16)>> {
         let mut out = BTreeMap::new();
-        for (k, h) in s.services.iter().filter(|(k, _)| k.slot == 0) {
+        for (k, h) in s
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot == 0 && k.scope == dataplane_common::SCOPE_CLUSTER)
+        {
             let backends = (1..=h.count)
                 .map(|slot| {
                     let id = s.services[&ServiceKey { slot, ..*k }].backend_id;
@@ -511,7 +583,7 @@ mod tests {
             &[ready("10.0.0.1")],
         ))));
         dirty.merge(index.apply(node("172.31.0.2")));
-        let mut p = Reconciler::for_node("node-a");
+        let mut p = Reconciler::for_node("node-a", NodePortAddresses::Primary);
         let mut maps = MapState::default();
         p.sync(&index, &dirty, &mut maps);
         let addr =

@@ -11,6 +11,7 @@
 use std::fmt;
 use std::net::Ipv4Addr;
 
+use crate::net::Cidr;
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort},
     discovery::v1::EndpointSlice,
@@ -72,13 +73,53 @@ pub struct BackendAddr {
     pub addr: Ipv4Addr,
     pub port: u16,
     pub proto: Proto,
+    /// The endpoint's `nodeName` is the node being programmed.
+    pub local: bool,
 }
 
-/// One frontend and its serving backends (sorted, unique; empty means "reject").
+/// One frontend and its serving backends (sorted, unique).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendSpec {
     pub frontend: Frontend,
+    /// For clients in the cluster (pods, the node's own processes). Empty means reject, or drop
+    /// with `drop_empty`.
     pub backends: Vec<BackendAddr>,
+    /// `internalTrafficPolicy: Local` on a ClusterIP: no local endpoint is a drop.
+    pub drop_empty: bool,
+    /// NodePorts, LoadBalancer IPs and externalIPs: what clients outside the node reach.
+    pub external: Option<ExternalSpec>,
+    /// `loadBalancerSourceRanges`, on LoadBalancer IPs: only these clients reach the frontend.
+    pub source_ranges: Vec<Cidr>,
+}
+
+/// A frontend as traffic from outside the node reaches it (`externalTrafficPolicy`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExternalSpec {
+    /// Every endpoint (`Cluster`), or this node's (`Local`).
+    pub backends: Vec<BackendAddr>,
+    /// `Local`: the client address is kept, and no local endpoint is a drop.
+    pub local: bool,
+}
+
+impl FrontendSpec {
+    /// Every backend the frontend uses, from inside or outside.
+    pub fn all_backends(&self) -> impl Iterator<Item = &BackendAddr> {
+        let external = self.external.iter().flat_map(|e| &e.backends);
+        let mut all: Vec<&BackendAddr> = self.backends.iter().chain(external).collect();
+        all.sort();
+        all.dedup();
+        all.into_iter()
+    }
+}
+
+/// What a translation needs to know about the node it programs for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeView {
+    /// The node's name: endpoints with this `nodeName` are local. `None` (tests, the benchmark):
+    /// no endpoint is.
+    pub name: Option<String>,
+    /// Where NodePorts answer.
+    pub nodeport_addresses: Vec<Ipv4Addr>,
 }
 
 /// The result of translating one Service: what to program, and what was skipped and why.
@@ -154,7 +195,7 @@ fn port_number(port: i32) -> Result<u16, TranslateError> {
 /// `status.loadBalancer.ingress[].ip` except those with `ipMode: Proxy` (left to the load balancer,
 /// as kube-proxy does, KEP-1860). IPv6 addresses are skipped; an unparsable one is skipped with a
 /// warning (the API server validates them, so this is a damaged object, not a user's choice).
-fn extra_addresses(svc: &Service, warnings: &mut Vec<String>) -> Vec<Ipv4Addr> {
+fn extra_addresses(svc: &Service, warnings: &mut Vec<String>) -> Vec<(Ipv4Addr, Address)> {
     let external = svc
         .spec
         .as_ref()
@@ -162,6 +203,7 @@ fn extra_addresses(svc: &Service, warnings: &mut Vec<String>) -> Vec<Ipv4Addr> {
         .into_iter()
         .flatten()
         .map(|ip| ("externalIP", ip.as_str()));
+    let lb_from = external.clone().count();
     let ingress = svc
         .status
         .as_ref()
@@ -173,13 +215,48 @@ fn extra_addresses(svc: &Service, warnings: &mut Vec<String>) -> Vec<Ipv4Addr> {
         .filter_map(|i| i.ip.as_deref())
         .map(|ip| ("loadBalancer ingress IP", ip));
     let mut out = Vec::new();
-    for (what, ip) in external.chain(ingress) {
+    for (i, (what, ip)) in external.chain(ingress).enumerate() {
+        let kind = if i < lb_from {
+            Address::External
+        } else {
+            Address::LoadBalancer
+        };
         match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(v4)) => out.push(v4),
+            Ok(std::net::IpAddr::V4(v4)) => out.push((v4, kind)),
             Ok(std::net::IpAddr::V6(_)) => {}
             Err(_) => warnings.push(format!("{what} {ip:?} is not an IP address, skipped")),
         }
     }
+    out
+}
+
+/// What kind of address a frontend is: who reaches it, and under which traffic policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Address {
+    Cluster,
+    External,
+    LoadBalancer,
+    NodePort,
+}
+
+/// `loadBalancerSourceRanges`; an unparsable range is skipped with a warning (the API server
+/// validates them). An empty list admits everyone.
+fn source_ranges(svc: &Service, warnings: &mut Vec<String>) -> Vec<Cidr> {
+    let ranges = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.as_ref())
+        .into_iter()
+        .flatten();
+    let mut out = Vec::new();
+    for r in ranges {
+        match r.parse::<Cidr>() {
+            Ok(c) => out.push(c),
+            Err(e) => warnings.push(format!("loadBalancerSourceRanges: {e}, skipped")),
+        }
+    }
+    out.sort();
+    out.dedup();
     out
 }
 
@@ -193,7 +270,7 @@ pub fn translate_service(
     svc: &Service,
     slices: &[&EndpointSlice],
 ) -> Result<Translation, TranslateError> {
-    translate_service_on(svc, slices, &[])
+    translate_service_on(svc, slices, &NodeView::default())
 }
 
 /// The NodePort of a Service port, when kube-proxy would program one: a NodePort or
@@ -210,29 +287,39 @@ fn node_port(svc: &Service, port: &ServicePort) -> Option<u16> {
         .and_then(|p| port_number(p).ok())
 }
 
-/// As [`translate_service`], on a node whose NodePort addresses are `node_addresses`: each
-/// NodePort is also a frontend on each of them, with the same backends as the Service port.
+/// As [`translate_service`], for node `node`: each NodePort is also a frontend on each of its
+/// NodePort addresses, and the traffic policies choose the backends per kind of client:
+///
+/// ```text
+///                  from the cluster (pods, nodes)           from outside the node
+///  clusterIP       all | this node's (iTP Local: drop none)  -
+///  NodePort, LB IP all (as kube-proxy: in-cluster clients    all, SNAT to remote ones (eTP Cluster)
+///  externalIP           ignore eTP)                          this node's, client kept (eTP Local)
+/// ```
 ///
 /// # Errors
 /// As [`translate_service`].
 pub fn translate_service_on(
     svc: &Service,
     slices: &[&EndpointSlice],
-    node_addresses: &[Ipv4Addr],
+    node: &NodeView,
 ) -> Result<Translation, TranslateError> {
     let mut out = Translation::default();
     if !is_proxied(svc) {
         return Ok(out);
     }
-    let mut ips = cluster_ips(svc)?;
+    let mut ips: Vec<(Ipv4Addr, Address)> = cluster_ips(svc)?
+        .into_iter()
+        .map(|ip| (ip, Address::Cluster))
+        .collect();
     ips.extend(extra_addresses(svc, &mut out.warnings));
     ips.sort();
-    ips.dedup();
-    let ports = svc
-        .spec
-        .as_ref()
-        .and_then(|s| s.ports.as_deref())
-        .unwrap_or_default();
+    ips.dedup_by_key(|(ip, _)| *ip);
+    let spec = svc.spec.as_ref();
+    let internal_local = spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local");
+    let external_local = spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
+    let ranges = source_ranges(svc, &mut out.warnings);
+    let ports = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
     for port in ports {
         let number = port_number(port.port)?;
         let Some(proto) = Proto::parse(port.protocol.as_deref()) else {
@@ -242,15 +329,48 @@ pub fn translate_service_on(
             ));
             continue;
         };
-        let backends = select_backends(port, proto, slices, &mut out.warnings);
-        let node_port = node_port(svc, port);
-        let on_nodes = node_port
-            .into_iter()
-            .flat_map(|p| node_addresses.iter().map(move |a| (*a, p)));
-        for (addr, port) in ips.iter().map(|a| (*a, number)).chain(on_nodes) {
-            out.frontends.push(FrontendSpec {
-                frontend: Frontend { addr, port, proto },
-                backends: backends.clone(),
+        let candidates = candidates(port, proto, slices, node, &mut out.warnings);
+        let all = choose(&candidates, false);
+        let local = choose(&candidates, true);
+        let external = ExternalSpec {
+            backends: if external_local {
+                local.clone()
+            } else {
+                all.clone()
+            },
+            local: external_local,
+        };
+        let on_nodes = node_port(svc, port).into_iter().flat_map(|p| {
+            node.nodeport_addresses
+                .iter()
+                .map(move |a| (*a, p, Address::NodePort))
+        });
+        let addresses = ips.iter().map(|(a, kind)| (*a, number, *kind));
+        for (addr, port, kind) in addresses.chain(on_nodes) {
+            let frontend = Frontend { addr, port, proto };
+            out.frontends.push(match kind {
+                Address::Cluster => FrontendSpec {
+                    frontend,
+                    backends: if internal_local {
+                        local.clone()
+                    } else {
+                        all.clone()
+                    },
+                    drop_empty: internal_local,
+                    external: None,
+                    source_ranges: Vec::new(),
+                },
+                Address::External | Address::LoadBalancer | Address::NodePort => FrontendSpec {
+                    frontend,
+                    backends: all.clone(),
+                    drop_empty: false,
+                    external: Some(external.clone()),
+                    source_ranges: if kind == Address::LoadBalancer {
+                        ranges.clone()
+                    } else {
+                        Vec::new()
+                    },
+                },
             });
         }
     }
@@ -258,19 +378,42 @@ pub fn translate_service_on(
     Ok(out)
 }
 
-/// kube-proxy's endpoint rules: endpoints whose `ready` condition is true or unset serve; when none
-/// is ready, endpoints that are both serving and terminating do (graceful termination). The port
-/// comes from the slice port with the Service port's name and protocol, which is how a named
-/// `targetPort` resolves.
-fn select_backends(
+/// An endpoint that may serve: ready, or serving and terminating (a fallback).
+struct Candidate {
+    backend: BackendAddr,
+    ready: bool,
+}
+
+/// kube-proxy's endpoint rules, per scope (all endpoints, or this node's): endpoints whose
+/// `ready` condition is true or unset serve; when none in the scope is ready, those that are both
+/// serving and terminating do (graceful termination).
+fn choose(candidates: &[Candidate], local_only: bool) -> Vec<BackendAddr> {
+    let scope = || {
+        candidates
+            .iter()
+            .filter(move |c| !local_only || c.backend.local)
+    };
+    let any_ready = scope().any(|c| c.ready);
+    let mut chosen: Vec<BackendAddr> = scope()
+        .filter(|c| c.ready == any_ready)
+        .map(|c| c.backend)
+        .collect();
+    chosen.sort();
+    chosen.dedup();
+    chosen
+}
+
+/// The endpoints of a Service port that may serve. The port comes from the slice port with the
+/// Service port's name and protocol, which is how a named `targetPort` resolves.
+fn candidates(
     port: &ServicePort,
     proto: Proto,
     slices: &[&EndpointSlice],
+    node: &NodeView,
     warnings: &mut Vec<String>,
-) -> Vec<BackendAddr> {
+) -> Vec<Candidate> {
     let port_name = port.name.as_deref().unwrap_or_default();
-    let mut ready = Vec::new();
-    let mut terminating = Vec::new();
+    let mut out = Vec::new();
     for slice in slices {
         if slice.address_type != "IPv4" {
             continue;
@@ -294,6 +437,10 @@ fn select_backends(
             let is_ready = cond.and_then(|c| c.ready).unwrap_or(true);
             let serving = cond.and_then(|c| c.serving).unwrap_or(is_ready);
             let is_terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+            if !(is_ready || serving && is_terminating) {
+                continue;
+            }
+            let local = node.name.is_some() && ep.node_name == node.name;
             for addr in &ep.addresses {
                 let Ok(ip) = addr.parse::<Ipv4Addr>() else {
                     warnings.push(format!(
@@ -302,23 +449,19 @@ fn select_backends(
                     ));
                     continue;
                 };
-                let backend = BackendAddr {
-                    addr: ip,
-                    port: number,
-                    proto,
-                };
-                if is_ready {
-                    ready.push(backend);
-                } else if serving && is_terminating {
-                    terminating.push(backend);
-                }
+                out.push(Candidate {
+                    backend: BackendAddr {
+                        addr: ip,
+                        port: number,
+                        proto,
+                        local,
+                    },
+                    ready: is_ready,
+                });
             }
         }
     }
-    let mut chosen = if ready.is_empty() { terminating } else { ready };
-    chosen.sort();
-    chosen.dedup();
-    chosen
+    out
 }
 
 #[cfg(test)]
@@ -630,6 +773,10 @@ mod tests {
             spec.type_ = Some(ty.into());
             spec.allocate_load_balancer_node_ports = allocate;
             spec.ports.as_mut().unwrap()[0].node_port = Some(30080);
+            let node = NodeView {
+                name: None,
+                nodeport_addresses: node.to_vec(),
+            };
             let t = translate_service_on(&svc, &[&eps], &node).unwrap();
             t.frontends
                 .iter()
@@ -648,6 +795,179 @@ mod tests {
             with("ClusterIP", None),
             ["10.96.0.10:80/TCP"],
             "a ClusterIP Service has no NodePort"
+        );
+    }
+
+    /// A LoadBalancer Service `web` (port 80 -> 8080, NodePort 30080, LB IP 198.51.100.1, one
+    /// externalIP) with endpoints on node-a (one ready, one terminating) and node-b (ready).
+    fn policy_case(etp: &str, itp: &str, a_ready: bool) -> (Service, EndpointSlice) {
+        let mut svc = service(
+            "ns",
+            "web",
+            "10.96.0.10",
+            &[("http", 80, "TCP", json!(8080))],
+        );
+        let spec = svc.spec.as_mut().unwrap();
+        spec.type_ = Some("LoadBalancer".into());
+        spec.external_traffic_policy = Some(etp.into());
+        spec.internal_traffic_policy = Some(itp.into());
+        spec.external_ips = Some(vec!["192.0.2.7".into()]);
+        spec.load_balancer_source_ranges = Some(vec!["203.0.113.0/24".into(), "bad".into()]);
+        spec.ports.as_mut().unwrap()[0].node_port = Some(30080);
+        svc.status = Some(
+            serde_json::from_value(json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}))
+                .unwrap(),
+        );
+        let eps: EndpointSlice = serde_json::from_value(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"namespace": "ns", "name": "web-1",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["10.0.1.1"], "nodeName": "node-a", "conditions": {"ready": a_ready, "serving": true, "terminating": !a_ready}},
+                {"addresses": ["10.0.1.2"], "nodeName": "node-a", "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.0.2.1"], "nodeName": "node-b", "conditions": {"ready": true}},
+            ]
+        }))
+        .unwrap();
+        (svc, eps)
+    }
+
+    fn node_a() -> NodeView {
+        NodeView {
+            name: Some("node-a".into()),
+            nodeport_addresses: vec!["172.31.0.2".parse().unwrap()],
+        }
+    }
+
+    fn addrs(b: &[BackendAddr]) -> Vec<String> {
+        b.iter().map(|b| format!("{}:{}", b.addr, b.port)).collect()
+    }
+
+    fn spec_of<'a>(t: &'a Translation, frontend: &str) -> &'a FrontendSpec {
+        t.frontends
+            .iter()
+            .find(|f| f.frontend.to_string() == frontend)
+            .unwrap_or_else(|| panic!("no frontend {frontend} in {:?}", t.frontends))
+    }
+
+    #[test]
+    fn external_traffic_policy_chooses_backends_for_outside_clients_only() {
+        let (svc, eps) = policy_case("Cluster", "Cluster", true);
+        let t = translate_service_on(&svc, &[&eps], &node_a()).unwrap();
+        for fe in [
+            "172.31.0.2:30080/TCP",
+            "198.51.100.1:80/TCP",
+            "192.0.2.7:80/TCP",
+        ] {
+            let spec = spec_of(&t, fe);
+            let ext = spec.external.as_ref().expect("reachable from outside");
+            assert!(!ext.local);
+            assert_eq!(
+                addrs(&ext.backends),
+                ["10.0.1.1:8080", "10.0.2.1:8080"],
+                "{fe}"
+            );
+            assert_eq!(
+                addrs(&spec.backends),
+                ["10.0.1.1:8080", "10.0.2.1:8080"],
+                "{fe}"
+            );
+        }
+        assert!(
+            spec_of(&t, "10.96.0.10:80/TCP").external.is_none(),
+            "a ClusterIP is inside only"
+        );
+        let local: Vec<bool> = spec_of(&t, "10.96.0.10:80/TCP")
+            .backends
+            .iter()
+            .map(|b| b.local)
+            .collect();
+        assert_eq!(local, [true, false], "endpoints on node-a are local");
+
+        let (svc, eps) = policy_case("Local", "Cluster", true);
+        let t = translate_service_on(&svc, &[&eps], &node_a()).unwrap();
+        let spec = spec_of(&t, "172.31.0.2:30080/TCP");
+        let ext = spec.external.as_ref().unwrap();
+        assert!(ext.local);
+        assert_eq!(
+            addrs(&ext.backends),
+            ["10.0.1.1:8080"],
+            "eTP Local: this node's ready one"
+        );
+        assert_eq!(
+            addrs(&spec.backends),
+            ["10.0.1.1:8080", "10.0.2.1:8080"],
+            "pods and nodes reaching a NodePort still get every endpoint"
+        );
+
+        let (svc, eps) = policy_case("Local", "Cluster", false);
+        let t = translate_service_on(&svc, &[&eps], &node_b_view()).unwrap();
+        let ext = spec_of(&t, "172.31.0.3:30080/TCP")
+            .external
+            .clone()
+            .unwrap();
+        assert_eq!(addrs(&ext.backends), ["10.0.2.1:8080"]);
+        let t = translate_service_on(&svc, &[&eps], &node_a()).unwrap();
+        let ext = spec_of(&t, "172.31.0.2:30080/TCP")
+            .external
+            .clone()
+            .unwrap();
+        assert_eq!(
+            addrs(&ext.backends),
+            ["10.0.1.1:8080", "10.0.1.2:8080"],
+            "no local endpoint ready: the local serving-terminating ones, not the remote ready one"
+        );
+    }
+
+    fn node_b_view() -> NodeView {
+        NodeView {
+            name: Some("node-b".into()),
+            nodeport_addresses: vec!["172.31.0.3".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_the_nodes_endpoints_and_drops_without() {
+        let (svc, eps) = policy_case("Cluster", "Local", true);
+        let t = translate_service_on(&svc, &[&eps], &node_b_view()).unwrap();
+        let cluster_ip = spec_of(&t, "10.96.0.10:80/TCP");
+        assert!(cluster_ip.drop_empty);
+        assert_eq!(addrs(&cluster_ip.backends), ["10.0.2.1:8080"]);
+        let nodeport = spec_of(&t, "172.31.0.3:30080/TCP");
+        assert!(!nodeport.drop_empty, "iTP applies to ClusterIPs only");
+        assert_eq!(nodeport.backends.len(), 2);
+
+        let no_local = NodeView {
+            name: Some("node-c".into()),
+            nodeport_addresses: Vec::new(),
+        };
+        let t = translate_service_on(&svc, &[&eps], &no_local).unwrap();
+        let cluster_ip = spec_of(&t, "10.96.0.10:80/TCP");
+        assert!(cluster_ip.backends.is_empty() && cluster_ip.drop_empty);
+    }
+
+    #[test]
+    fn source_ranges_guard_load_balancer_ips_only() {
+        let (svc, eps) = policy_case("Cluster", "Cluster", true);
+        let t = translate_service_on(&svc, &[&eps], &node_a()).unwrap();
+        let ranges: Vec<String> = spec_of(&t, "198.51.100.1:80/TCP")
+            .source_ranges
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(ranges, ["203.0.113.0/24"]);
+        for fe in [
+            "172.31.0.2:30080/TCP",
+            "192.0.2.7:80/TCP",
+            "10.96.0.10:80/TCP",
+        ] {
+            assert!(spec_of(&t, fe).source_ranges.is_empty(), "{fe}");
+        }
+        assert!(
+            t.warnings.iter().any(|w| w.contains("\"bad\"")),
+            "the malformed range is named: {:?}",
+            t.warnings
         );
     }
 }

@@ -1,5 +1,5 @@
 //! Per-CPU counters, and the one place an `Err(DropReason)` becomes a verdict.
-use aya_ebpf::bindings::TC_ACT_SHOT;
+use aya_ebpf::bindings::{TC_ACT_SHOT, xdp_action::XDP_DROP};
 use dataplane_common::DropReason;
 
 use crate::maps::{DROPS, SVC_STATS};
@@ -12,6 +12,18 @@ pub fn verdict(result: Result<i32, DropReason>) -> i32 {
         Err(reason) => {
             count_drop(reason);
             TC_ACT_SHOT
+        }
+    }
+}
+
+/// An XDP program's verdict: its own on `Ok`, `XDP_DROP` and a drop counted on `Err`.
+#[inline(always)]
+pub fn xdp_verdict(result: Result<u32, DropReason>) -> u32 {
+    match result {
+        Ok(action) => action,
+        Err(reason) => {
+            count_drop(reason);
+            XDP_DROP
         }
     }
 }

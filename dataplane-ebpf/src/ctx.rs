@@ -1,6 +1,12 @@
 //! The packet access the stages use, whichever hook runs them: a stage takes `&impl PacketCtx`,
-//! so parsing and NAT serve TC today and XDP (the node's external interfaces) next.
-use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
+//! so parsing and NAT serve TC (pod interfaces) and XDP (the node's external interfaces) alike.
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, xdp_action::XDP_TX},
+    helpers::bpf_redirect,
+    programs::{TcContext, XdpContext},
+};
+
+use crate::csum::{csum_replace2, csum_replace4};
 
 pub trait PacketCtx {
     /// Start and end of the linear (directly readable) part of the packet.
@@ -63,5 +69,75 @@ impl PacketCtx for TcContext {
         let ifindex = unsafe { (*self.skb.skb).ifindex };
         // SAFETY: plain helper call.
         unsafe { bpf_redirect(ifindex, 0) as i32 }
+    }
+}
+
+/// XDP sees the frame in one linear buffer (multi-buffer frames are not enabled), so every access
+/// is a bounds-checked pointer into it and checksums are updated by hand.
+impl PacketCtx for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (self.data_end() - self.data()) as u32
+    }
+
+    #[inline(always)]
+    fn pull(&self, len: u32) -> Option<()> {
+        (self.data() + len as usize <= self.data_end()).then_some(())
+    }
+
+    #[inline(always)]
+    fn load<T>(&self, off: usize) -> Option<T> {
+        let p = self.data() + off;
+        if p + core::mem::size_of::<T>() > self.data_end() {
+            return None;
+        }
+        // SAFETY: in bounds (checked above, the check the verifier needs); unaligned read.
+        Some(unsafe { core::ptr::read_unaligned(p as *const T) })
+    }
+
+    #[inline(always)]
+    fn store<T>(&self, off: usize, v: &T) -> Option<()> {
+        let p = self.data() + off;
+        if p + core::mem::size_of::<T>() > self.data_end() {
+            return None;
+        }
+        // SAFETY: in bounds (checked above); unaligned write of a plain value.
+        unsafe { core::ptr::write_unaligned(p as *mut T, core::ptr::read(v)) };
+        Some(())
+    }
+
+    /// As `bpf_l4_csum_replace` on a complete checksum (what a NIC or the lab's veths hand XDP):
+    /// the pseudo-header flag changes nothing here, and a UDP checksum of 0 (none) stays 0.
+    #[inline(always)]
+    fn l4_csum_replace(&self, off: usize, from: u64, to: u64, flags: u64) -> Option<()> {
+        let old: u16 = self.load(off)?;
+        let mangled_0 = flags & u64::from(BPF_F_MARK_MANGLED_0) != 0;
+        if mangled_0 && old == 0 {
+            return Some(());
+        }
+        let mut new = if flags & 0xf == 4 {
+            csum_replace4(old, from as u32, to as u32)
+        } else {
+            csum_replace2(old, from as u16, to as u16)
+        };
+        if mangled_0 && new == 0 {
+            new = 0xffff;
+        }
+        self.store(off, &new)
+    }
+
+    #[inline(always)]
+    fn bounce(&self) -> i32 {
+        XDP_TX as i32
     }
 }

@@ -2,28 +2,40 @@
 //! random slot among its backends for a new flow (conntrack, or the socket, pins the flow to it
 //! afterwards). Any hook calls these with the frontend it sees: a packet's destination, or the
 //! address a socket connects or sends to.
-use aya_ebpf::helpers::bpf_get_prandom_u32;
-use dataplane_common::{Backend, DropReason, SCOPE_CLUSTER, ServiceKey, ServiceValue};
+use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
+use dataplane_common::{
+    Backend, DropReason, SCOPE_CLUSTER, SOURCE_RANGE_ID_BITS, SVC_FLAG_SOURCE_RANGES, ServiceKey,
+    ServiceValue, SourceRangeKey,
+};
 
-use crate::maps::{BACKENDS, SERVICES};
+use crate::maps::{BACKENDS, SERVICES, SOURCE_RANGES};
 use crate::parse::Packet;
 
-/// A destination that may be a Service frontend; address and port in network byte order.
+/// A destination that may be a Service frontend, as one scope of clients sees it (`SCOPE_*`);
+/// address and port in network byte order.
 #[derive(Clone, Copy)]
 pub struct Frontend {
     pub addr: u32,
     pub port: u16,
     pub proto: u8,
+    pub scope: u8,
 }
 
 impl Frontend {
-    /// A packet's destination.
+    /// A packet's destination, for a client in the cluster.
     #[inline(always)]
     pub fn of(pkt: &Packet) -> Frontend {
+        Self::scoped(pkt, SCOPE_CLUSTER)
+    }
+
+    /// A packet's destination, for clients of `scope`.
+    #[inline(always)]
+    pub fn scoped(pkt: &Packet, scope: u8) -> Frontend {
         Frontend {
             addr: pkt.daddr,
             port: pkt.dport,
             proto: pkt.proto,
+            scope,
         }
     }
 }
@@ -50,13 +62,33 @@ pub fn pick(fe: &Frontend, header: &ServiceValue) -> Result<(u32, Backend), Drop
     Ok((backend_id, backend))
 }
 
+/// `loadBalancerSourceRanges`: a frontend with ranges admits only clients inside one of them.
+#[inline(always)]
+pub fn admit(header: &ServiceValue, saddr: u32) -> Result<(), DropReason> {
+    if header.flags & SVC_FLAG_SOURCE_RANGES == 0 {
+        return Ok(());
+    }
+    let key = Key::new(
+        SOURCE_RANGE_ID_BITS + 32,
+        SourceRangeKey {
+            rev_nat_id: header.rev_nat_id,
+            pad: 0,
+            addr: saddr,
+        },
+    );
+    SOURCE_RANGES
+        .get(key)
+        .map(drop)
+        .ok_or(DropReason::SourceRange)
+}
+
 #[inline(always)]
 fn frontend_key(fe: &Frontend, slot: u16) -> ServiceKey {
     ServiceKey {
         addr: fe.addr,
         port: fe.port,
         proto: fe.proto,
-        scope: SCOPE_CLUSTER,
+        scope: fe.scope,
         slot,
         pad: 0,
     }

@@ -1,5 +1,5 @@
-//! Service translation on each local pod's host-side interface, and at the socket for the node's
-//! own processes. Entry points only: each calls its hook's pipeline (`path/`) and turns an
+//! Service translation on each local pod's host-side interface, on the node's external interfaces,
+//! and at the socket for the node's own processes. Entry points only: each calls its hook's pipeline (`path/`) and turns an
 //! `Err(DropReason)` into the hook's failure verdict plus a per-CPU drop counter
 //! (`counters::verdict`, `counters::sock_verdict`).
 //!
@@ -7,18 +7,21 @@
 //!   pod eth0 ==veth== host side (lxc*)
 //!                      |- TC ingress  `from_pod`: path::pod::try_from_pod
 //!                      '- TC egress   `to_pod`:   path::pod::try_to_pod
+//!   node eth0 (external) |- XDP        `from_external`: path::external::try_from_external
+//!                        '- TC egress  `to_external`:   path::external::try_to_external
 //!   node cgroup v2     |- connect4, sendmsg4:     path::sock::try_forward
 //!                      '- recvmsg4, getpeername4: path::sock::reverse
 //! ```
 //!
 //! Stages, each in its own module and free of any hook's control flow, reach the packet through
-//! `ctx::PacketCtx` (implemented for TC; XDP next): `parse` (one packet description), `ct` (conntrack), `lb` (service lookup, backend pick), `nat` (rewrite, redirect),
-//! `reject` (RST / ICMP unreachable), `counters`; `maps` declares every map. Packets the datapath
+//! `ctx::PacketCtx` (implemented for TC and XDP): `parse` (one packet description), `ct` (conntrack), `lb` (service lookup, backend pick), `nat` (rewrite, redirect),
+//! `reject` (RST / ICMP unreachable), `csum`, `counters`; `maps` declares every map. Packets the datapath
 //! does not handle (non-IPv4, other L4 protocols, IP fragments) pass untouched.
 #![no_std]
 #![no_main]
 
 mod counters;
+mod csum;
 mod ct;
 mod ctx;
 mod lb;
@@ -29,8 +32,8 @@ mod path;
 mod reject;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, TcContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 #[classifier]
@@ -41,6 +44,16 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
     counters::verdict(path::pod::try_to_pod(&ctx))
+}
+
+#[xdp]
+pub fn from_external(ctx: XdpContext) -> u32 {
+    counters::xdp_verdict(path::external::try_from_external(&ctx))
+}
+
+#[classifier]
+pub fn to_external(ctx: TcContext) -> i32 {
+    counters::verdict(path::external::try_to_external(&ctx))
 }
 
 #[cgroup_sock_addr(connect4)]

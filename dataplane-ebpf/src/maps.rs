@@ -3,12 +3,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
     Backend, CtKey, CtValue, DropReason, MAX_BACKENDS, MAX_CONNTRACK, MAX_REV_NAT_IDS,
-    MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, NodeConfig, ServiceKey, ServiceValue, SockRevKey,
-    SockRevValue, SvcStats,
+    MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, NodeConfig, ServiceKey, ServiceValue,
+    SockRevKey, SockRevValue, SourceRangeKey, SvcStats,
 };
 
 /// Service frontends: slot 0 is the header, slots 1..=count the backend ids. Written by the agent.
@@ -22,7 +22,7 @@ pub static BACKENDS: HashMap<u32, Backend> =
     HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
 
 /// Translated connections, one entry per direction. Written by the datapath; swept by the agent.
-#[map(name = "CONNTRACK_V1")]
+#[map(name = "CONNTRACK_V2")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
 
 /// Packets dropped or rejected, by `DropReason`. Written by the datapath; read by the agent.
@@ -46,6 +46,13 @@ pub static CLOCK: Array<u64> = Array::with_max_entries(1, 0);
 pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::with_max_entries(MAX_SOCK_REVNAT, 0);
 
-/// This node's settings for the socket hooks (its netns cookie). Written by the agent at load.
-#[map(name = "NODE_V1")]
+/// This node's settings: its netns cookie (socket hooks), its source-NAT address and ports
+/// (external traffic to remote backends). Written by the agent.
+#[map(name = "NODE_V2")]
 pub static NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);
+
+/// `loadBalancerSourceRanges`: {frontend's reverse-NAT id, client prefix} for frontends whose
+/// header has `SVC_FLAG_SOURCE_RANGES`. Written by the agent.
+#[map(name = "SOURCE_RANGES_V1")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
+    LpmTrie::with_max_entries(MAX_SOURCE_RANGES, BPF_F_NO_PREALLOC);

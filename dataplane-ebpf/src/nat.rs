@@ -2,10 +2,11 @@
 use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR};
 use dataplane_common::{DropReason, PROTO_UDP};
 
+use crate::csum::csum_replace4;
 use crate::ctx::PacketCtx;
 use crate::parse::{IPV4_OFF, Packet, header_mut};
 
-const IP_SADDR_OFF: usize = IPV4_OFF + 12;
+pub const IP_SADDR_OFF: usize = IPV4_OFF + 12;
 pub const IP_DADDR_OFF: usize = IPV4_OFF + 16;
 
 /// Rewrites destination address and port, fixing the IPv4 and L4 checksums incrementally.
@@ -102,20 +103,6 @@ pub fn rewrite<C: PacketCtx>(
         ip[10..12].copy_from_slice(&csum_replace4(csum, old_addr, new_addr).to_ne_bytes());
     }
     Ok(())
-}
-
-/// An Internet checksum after one 32-bit word of the data changed (RFC 1624, eqn. 3). Byte order
-/// does not matter as long as all three are in the same one.
-#[inline(always)]
-fn csum_replace4(csum: u16, old: u32, new: u32) -> u16 {
-    let mut sum = u32::from(!csum)
-        + u32::from(!(old as u16))
-        + u32::from(!((old >> 16) as u16))
-        + u32::from(new as u16)
-        + u32::from((new >> 16) as u16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
 }
 
 /// The first 12 bytes of an Ethernet header with destination and source swapped: back to the

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use dataplane_core::manifest::is_manifest;
+use dataplane_core::net::Cidr;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use serde::Deserialize as _;
 
@@ -56,6 +57,13 @@ pub struct ServiceSpec {
     /// `spec.selector`; empty for a Service without one.
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
+    /// `spec.externalIPs` and `status.loadBalancer.ingress[].ip`: what the external hosts route
+    /// to a node, as a load balancer would.
+    #[serde(default)]
+    pub external_addresses: Vec<Ipv4Addr>,
+    /// `externalTrafficPolicy: Local`.
+    #[serde(default)]
+    pub external_local: bool,
 }
 
 impl ServiceSpec {
@@ -232,22 +240,27 @@ fn service_spec(svc: &Service) -> Option<ServiceSpec> {
         ip,
         ports,
         selector: spec.selector.clone().unwrap_or_default(),
+        external_addresses: spec
+            .external_ips
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .chain(
+                svc.status
+                    .iter()
+                    .filter_map(|s| s.load_balancer.as_ref()?.ingress.as_ref())
+                    .flatten()
+                    .filter_map(|i| i.ip.as_deref()),
+            )
+            .filter_map(|ip| ip.parse().ok())
+            .collect(),
+        external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
     })
 }
 
 /// Whether `ip` lies in `cidr` (`a.b.c.d/n`); a malformed CIDR contains nothing.
 fn in_cidr(ip: Ipv4Addr, cidr: &str) -> bool {
-    let Some((net, len)) = cidr.split_once('/') else {
-        return false;
-    };
-    let (Ok(net), Ok(len)) = (net.parse::<Ipv4Addr>(), len.parse::<u32>()) else {
-        return false;
-    };
-    if len > 32 {
-        return false;
-    }
-    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
-    u32::from(ip) & mask == u32::from(net) & mask
+    cidr.parse::<Cidr>().is_ok_and(|c| c.contains(ip))
 }
 
 impl Cluster {

@@ -391,6 +391,7 @@ pub fn up(
         } else {
             publish(&mut state, &cluster.files)?;
         }
+        route_external_addresses(&state)?;
         for node in &mut state.nodes {
             node.agent_pid = start_agent(node, &programs.agent, state.kubeconfig.is_some())?;
         }
@@ -411,6 +412,37 @@ pub fn up(
         state.generation
     );
     Ok(state)
+}
+
+/// Each LoadBalancer IP and externalIP goes, from every external host, to one node, as a load
+/// balancer sends it: with `externalTrafficPolicy: Local` the first node (in the manifests'
+/// order) running a pod the Service selects (the one whose health check node port would answer
+/// 200), otherwise the first node. One node per address keeps the lab deterministic; NodePorts
+/// are reached on every node's own address.
+fn route_external_addresses(state: &State) -> anyhow::Result<()> {
+    for svc in &state.services {
+        let serving = |n: &&NodeState| {
+            state
+                .pods
+                .iter()
+                .any(|p| p.spec.node == n.spec.name && svc.selects(&p.spec))
+        };
+        let node = if svc.external_local {
+            state.nodes.iter().find(serving)
+        } else {
+            None
+        }
+        .or(state.nodes.first());
+        let Some(node) = node else {
+            continue;
+        };
+        for addr in &svc.external_addresses {
+            for x in &state.externals {
+                topology::route_external(&x.netns, *addr, node.spec.ip)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn add_pod(state: &State, pod: &PodSpec, kplab: &Path) -> anyhow::Result<PodState> {
@@ -475,6 +507,7 @@ fn start_agent(node: &NodeState, agent: &Path, kubernetes: bool) -> anyhow::Resu
     if let Some(cg) = &node.cgroup {
         args.extend(["--socket-cgroup".to_owned(), cg.display().to_string()]);
     }
+    args.extend(["--external-interfaces".to_owned(), "eth0".to_owned()]);
     topology::spawn_in(
         Some(&node.netns),
         node.cgroup.as_deref(),
@@ -661,6 +694,7 @@ pub fn apply(dir: &Path) -> anyhow::Result<()> {
         }
     }
     state.services = cluster.services.clone();
+    route_external_addresses(&state)?;
     if let Some(kc) = state.kubeconfig.clone() {
         let rt = runtime()?;
         let client = rt.block_on(api::client(&kc))?;

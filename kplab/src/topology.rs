@@ -173,6 +173,22 @@ pub fn create_external(
     Ok(netns)
 }
 
+/// Routes `addr` (a LoadBalancer IP or externalIP) on an external host to `node_ip`, as a load
+/// balancer in front of the cluster sends a Service address to one node.
+pub fn route_external(netns: &str, addr: Ipv4Addr, node_ip: Ipv4Addr) -> anyhow::Result<()> {
+    ip(&[
+        "-n",
+        netns,
+        "route",
+        "replace",
+        &format!("{addr}/32"),
+        "via",
+        &node_ip.to_string(),
+        "dev",
+        "eth0",
+    ])
+}
+
 /// A pod: its own namespace, a veth to its node (host side `lxc<hash>`), a /32 route on the node.
 pub fn create_pod(
     prefix: &str,

@@ -2,13 +2,14 @@
 //!
 //! ```text
 //!  from_pod (TC ingress): parse -> conntrack -> service lookup -> backend pick -> conntrack create
-//!                         -> DNAT (| reject, no backend) (| hairpin back to the pod)
+//!                         -> DNAT (| reject, no backend | drop, no local backend or outside the
+//!                         source ranges) (| hairpin back to the pod)
 //!  to_pod   (TC egress):  parse -> conntrack (reply) -> reverse NAT (SNAT)
 //! ```
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use dataplane_common::{
     CT_DIR_REPLY, CT_DIR_SERVICE, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CtKey, CtValue, DropReason,
-    HAIRPIN_ADDR,
+    HAIRPIN_ADDR, SVC_FLAG_DROP_EMPTY,
 };
 
 use crate::counters::{count_drop, count_service};
@@ -44,7 +45,11 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         return Ok(TC_ACT_OK);
     };
     count_service(header.rev_nat_id, ctx.len());
+    lb::admit(&header, pkt.saddr)?;
     if header.count == 0 {
+        if header.flags & SVC_FLAG_DROP_EMPTY != 0 {
+            return Err(DropReason::NoLocalBackend);
+        }
         count_drop(DropReason::NoBackend);
         return reject::reply(ctx, &pkt);
     }
@@ -73,6 +78,9 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         rev_nat_id: header.rev_nat_id,
         pad: 0,
         last_seen_ns: ct::now_ns(),
+        snat_addr: 0,
+        snat_port: 0,
+        pad2: 0,
     };
     let forward = CtValue {
         nat_addr: backend.addr,

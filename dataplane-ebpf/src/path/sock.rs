@@ -12,13 +12,16 @@
 //!
 //! Sockets of other network namespaces are left alone (pods under the hooks' cgroup are the TC
 //! programs' business): `NODE` holds the node's netns cookie. A frontend with no ready endpoint
-//! refuses the connect or send with ECONNREFUSED, as kube-proxy's REJECT makes a client see.
+//! refuses the connect or send with ECONNREFUSED, as kube-proxy's REJECT makes a client see; one
+//! with no local endpoint under `internalTrafficPolicy: Local` fails it with EHOSTUNREACH.
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
-use dataplane_common::{DropReason, PROTO_TCP, PROTO_UDP, SockRevKey, SockRevValue};
+use dataplane_common::{
+    DropReason, PROTO_TCP, PROTO_UDP, SCOPE_CLUSTER, SVC_FLAG_DROP_EMPTY, SockRevKey, SockRevValue,
+};
 
 use crate::counters::count_drop;
 use crate::lb::{self, Frontend};
@@ -29,6 +32,7 @@ const PROCEED: i32 = 1;
 /// The hook's verdict: fail the syscall (with the errno set by `bpf_set_retval`, EPERM otherwise).
 const REFUSE: i32 = 0;
 const ECONNREFUSED: i32 = 111;
+const EHOSTUNREACH: i32 = 113;
 
 #[inline(always)]
 fn is_node_socket(ctx: &SockAddrContext) -> bool {
@@ -55,14 +59,23 @@ pub fn try_forward(ctx: &SockAddrContext) -> Result<i32, DropReason> {
         addr: sa.user_ip4,
         port: sa.user_port as u16,
         proto,
+        scope: SCOPE_CLUSTER,
     };
     let Some(header) = lb::lookup(&frontend) else {
         return Ok(PROCEED);
     };
     if header.count == 0 {
-        count_drop(DropReason::NoBackend);
+        // No local endpoint (`internalTrafficPolicy: Local`) is a drop on the packet paths; at
+        // the socket there is no packet to drop, and sending the untranslated one would route
+        // it off the node, so the syscall fails with EHOSTUNREACH (no refusal was received).
+        let (reason, errno) = if header.flags & SVC_FLAG_DROP_EMPTY != 0 {
+            (DropReason::NoLocalBackend, EHOSTUNREACH)
+        } else {
+            (DropReason::NoBackend, ECONNREFUSED)
+        };
+        count_drop(reason);
         // SAFETY: helper call; connect4 and sendmsg4 may set their return value.
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        unsafe { bpf_set_retval(-errno) };
         return Ok(REFUSE);
     }
     let (_, backend) = lb::pick(&frontend, &header)?;

@@ -1,0 +1,458 @@
+//! Packet tests of the external-interface programs (`from_external` XDP, `to_external` TC
+//! egress) through the real kernel (BPF_PROG_TEST_RUN), as a table: the frontend as the core lays
+//! it out, the input frame, the verdict, the output frame and the drop counters. NodePort,
+//! LoadBalancer IP and externalIP frontends share one layout (a `SCOPE_EXTERNAL` header), so a
+//! NodePort stands for all three, and a LoadBalancer IP for source ranges. Root only; without it
+//! they fail.
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use aya::{TestRun as _, TestRunOptions};
+use dataplane_agent::datapath::Datapath;
+use dataplane_common::{CT_DIR_REPLY, CT_FLAG_SNAT, DropReason, prog_names};
+use dataplane_core::fixtures::packet::{ACK, Parsed, Pkt, SYN, parse_checked};
+use dataplane_core::maps::{MapState, backend_value, diff, service_entries};
+use dataplane_core::net::Cidr;
+use dataplane_core::reconcile::MapWriter as _;
+use dataplane_core::translate::{BackendAddr, ExternalSpec, Frontend, FrontendSpec, Proto};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+
+const CLIENT: &str = "192.0.2.50";
+const NODE: &str = "172.31.0.2";
+const NODE_PORT: u16 = 30080;
+const LB_IP: &str = "198.51.100.1";
+const LOCAL: &str = "10.244.1.20";
+const REMOTE: &str = "10.244.2.30";
+const SNAT_PORTS: (u16, u16) = (61000, 61009);
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn load() -> Datapath {
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "packet tests load eBPF programs and must run as root"
+    );
+    let mut dp = Datapath::load().expect("load eBPF object");
+    dp.set_snat(ip(NODE), SNAT_PORTS).unwrap();
+    dp
+}
+
+fn backend(addr: &str, local: bool) -> BackendAddr {
+    BackendAddr {
+        addr: ip(addr),
+        port: 8080,
+        proto: Proto::Tcp,
+        local,
+    }
+}
+
+/// A frontend on `addr:port` reachable from outside, written as the reconciler writes it.
+fn program(
+    dp: &mut Datapath,
+    addr: &str,
+    port: u16,
+    backends: &[BackendAddr],
+    local: bool,
+    ranges: &[&str],
+) {
+    let mut state = MapState::default();
+    let mut ids = BTreeMap::new();
+    for (i, b) in backends.iter().enumerate() {
+        let id = 100 + i as u32;
+        ids.insert(*b, id);
+        state.backends.insert(id, backend_value(*b));
+    }
+    let external: Vec<BackendAddr> = backends
+        .iter()
+        .filter(|b| !local || b.local)
+        .copied()
+        .collect();
+    let spec = FrontendSpec {
+        frontend: Frontend {
+            addr: ip(addr),
+            port,
+            proto: Proto::Tcp,
+        },
+        backends: backends.to_vec(),
+        drop_empty: false,
+        external: Some(ExternalSpec {
+            backends: external,
+            local,
+        }),
+        source_ranges: ranges.iter().map(|r| r.parse::<Cidr>().unwrap()).collect(),
+    };
+    service_entries(&spec, 9, &ids, &mut state);
+    for op in diff(&MapState::default(), &state) {
+        dp.write(&op).unwrap();
+    }
+}
+
+fn xdp(dp: &Datapath, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = dp
+        .xdp_program()
+        .unwrap()
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+fn to_external(dp: &Datapath, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = dp
+        .program(prog_names::TO_EXTERNAL)
+        .unwrap()
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+fn drops(dp: &Datapath, reason: DropReason) -> u64 {
+    dp.drops()
+        .unwrap()
+        .into_iter()
+        .find(|(r, _)| *r == reason)
+        .unwrap()
+        .1
+}
+
+/// The rewritten frame of a packet the program passes or transmits (checksums verified).
+fn translated(verdict: u32, out: &[u8]) -> Parsed {
+    assert_ne!(verdict, XDP_DROP, "dropped");
+    parse_checked(out)
+}
+
+#[derive(Debug)]
+enum Expect {
+    /// Passed to the kernel unchanged.
+    Untouched,
+    /// Destination rewritten to the backend, source kept (a local backend, or eTP Local).
+    Dnat(&'static str),
+    /// Destination rewritten to the backend and source to the node and a port of the range.
+    DnatSnat(&'static str),
+    Dropped(DropReason),
+}
+
+struct Case {
+    name: &'static str,
+    backends: &'static [(&'static str, bool)],
+    local: bool,
+    ranges: &'static [&'static str],
+    input: fn() -> Vec<u8>,
+    expect: Expect,
+}
+
+#[test]
+fn from_external_table() {
+    let cases = [
+        Case {
+            name: "NodePort, eTP Cluster, local backend: DNAT, client address kept",
+            backends: &[(LOCAL, true)],
+            local: false,
+            ranges: &[],
+            input: || Pkt::tcp(CLIENT, 40000, NODE, NODE_PORT, SYN).build(),
+            expect: Expect::Dnat(LOCAL),
+        },
+        Case {
+            name: "NodePort, eTP Cluster, remote backend: DNAT and SNAT to the node",
+            backends: &[(REMOTE, false)],
+            local: false,
+            ranges: &[],
+            input: || Pkt::tcp(CLIENT, 40001, NODE, NODE_PORT, SYN).build(),
+            expect: Expect::DnatSnat(REMOTE),
+        },
+        Case {
+            name: "NodePort, eTP Local: only the local backend, client kept",
+            backends: &[(REMOTE, false), (LOCAL, true)],
+            local: true,
+            ranges: &[],
+            input: || Pkt::tcp(CLIENT, 40002, NODE, NODE_PORT, SYN).build(),
+            expect: Expect::Dnat(LOCAL),
+        },
+        Case {
+            name: "NodePort, eTP Local, no local backend: dropped, not rejected",
+            backends: &[(REMOTE, false)],
+            local: true,
+            ranges: &[],
+            input: || Pkt::tcp(CLIENT, 40003, NODE, NODE_PORT, SYN).build(),
+            expect: Expect::Dropped(DropReason::NoLocalBackend),
+        },
+        Case {
+            name: "NodePort without any endpoint: dropped",
+            backends: &[],
+            local: false,
+            ranges: &[],
+            input: || Pkt::tcp(CLIENT, 40004, NODE, NODE_PORT, SYN).build(),
+            expect: Expect::Dropped(DropReason::NoBackend),
+        },
+        Case {
+            name: "another port of the node passes untouched",
+            backends: &[(LOCAL, true)],
+            local: false,
+            ranges: &[],
+            input: || Pkt::tcp(CLIENT, 40005, NODE, 22, SYN).build(),
+            expect: Expect::Untouched,
+        },
+        Case {
+            name: "UDP to the TCP NodePort passes untouched",
+            backends: &[(LOCAL, true)],
+            local: false,
+            ranges: &[],
+            input: || Pkt::udp(CLIENT, 40006, NODE, NODE_PORT).build(),
+            expect: Expect::Untouched,
+        },
+        Case {
+            name: "truncated TCP header is dropped",
+            backends: &[(LOCAL, true)],
+            local: false,
+            ranges: &[],
+            input: || {
+                let mut f = Pkt::tcp(CLIENT, 40007, NODE, NODE_PORT, SYN).build();
+                f.truncate(14 + 20 + 10);
+                f[16..18].copy_from_slice(&30u16.to_be_bytes());
+                f
+            },
+            expect: Expect::Dropped(DropReason::Malformed),
+        },
+        Case {
+            name: "non-first fragment passes untouched",
+            backends: &[(LOCAL, true)],
+            local: false,
+            ranges: &[],
+            input: || {
+                Pkt {
+                    frag: 0x00b9,
+                    ..Pkt::tcp(CLIENT, 40008, NODE, NODE_PORT, ACK)
+                }
+                .build()
+            },
+            expect: Expect::Untouched,
+        },
+    ];
+    for case in &cases {
+        eprintln!("case: {}", case.name);
+        let mut dp = load();
+        let backends: Vec<BackendAddr> =
+            case.backends.iter().map(|(a, l)| backend(a, *l)).collect();
+        program(&mut dp, NODE, NODE_PORT, &backends, case.local, case.ranges);
+        let input = (case.input)();
+        let (verdict, out) = xdp(&dp, &input);
+        match &case.expect {
+            Expect::Untouched => {
+                assert_eq!((verdict, &out), (XDP_PASS, &input), "{}", case.name);
+                assert!(dp.conntrack_entries().unwrap().is_empty(), "{}", case.name);
+            }
+            Expect::Dropped(reason) => {
+                assert_eq!(verdict, XDP_DROP, "{}", case.name);
+                assert_eq!(drops(&dp, *reason), 1, "{}", case.name);
+            }
+            Expect::Dnat(to) => {
+                let before = parse_checked(&input);
+                let after = translated(verdict, &out);
+                assert_eq!(
+                    verdict, XDP_PASS,
+                    "{}: a local backend is the kernel's to deliver",
+                    case.name
+                );
+                assert_eq!((after.dst, after.dport), (ip(to), 8080), "{}", case.name);
+                assert_eq!(
+                    (after.src, after.sport),
+                    (before.src, before.sport),
+                    "{}",
+                    case.name
+                );
+            }
+            Expect::DnatSnat(to) => {
+                let after = translated(verdict, &out);
+                assert_eq!((after.dst, after.dport), (ip(to), 8080), "{}", case.name);
+                assert_eq!(after.src, ip(NODE), "{}: source is the node", case.name);
+                assert!(
+                    (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&after.sport),
+                    "{}: source port {} outside the SNAT range",
+                    case.name,
+                    after.sport
+                );
+                let ct = dp.conntrack_entries().unwrap();
+                assert_eq!(ct.len(), 2, "{}", case.name);
+                assert!(
+                    ct.iter().all(|(_, v)| v.flags & CT_FLAG_SNAT != 0),
+                    "{}",
+                    case.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn source_nated_flows_keep_their_port_and_replies_go_back_to_the_client() {
+    let mut dp = load();
+    program(
+        &mut dp,
+        NODE,
+        NODE_PORT,
+        &[backend(REMOTE, false)],
+        false,
+        &[],
+    );
+    let syn = Pkt::tcp(CLIENT, 41000, NODE, NODE_PORT, SYN).build();
+    let (v, out) = xdp(&dp, &syn);
+    let fwd = translated(v, &out);
+    for _ in 0..3 {
+        let (v, out) = xdp(&dp, &Pkt::tcp(CLIENT, 41000, NODE, NODE_PORT, ACK).build());
+        let again = translated(v, &out);
+        assert_eq!(
+            (again.src, again.sport, again.dst),
+            (fwd.src, fwd.sport, fwd.dst)
+        );
+    }
+    // The backend answers the node's address and port; the reply goes back to the client from
+    // the NodePort it dialled.
+    let reply = Pkt::tcp(REMOTE, 8080, NODE, fwd.sport, SYN | ACK).build();
+    let (v, out) = xdp(&dp, &reply);
+    let back = translated(v, &out);
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip(NODE), NODE_PORT, ip(CLIENT), 41000)
+    );
+    // A second client gets another port; the first keeps its own.
+    let (v, out) = xdp(
+        &dp,
+        &Pkt::tcp("192.0.2.51", 41000, NODE, NODE_PORT, SYN).build(),
+    );
+    let other = translated(v, &out);
+    assert_ne!(other.sport, fwd.sport);
+    let entries = dp.conntrack_entries().unwrap();
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|(k, _)| k.dir == CT_DIR_REPLY)
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn source_nat_exhaustion_is_a_counted_drop_and_an_unconfigured_node_nats_nothing() {
+    let mut dp = load();
+    dp.set_snat(ip(NODE), (61000, 61000)).unwrap();
+    program(
+        &mut dp,
+        NODE,
+        NODE_PORT,
+        &[backend(REMOTE, false)],
+        false,
+        &[],
+    );
+    let (v, out) = xdp(&dp, &Pkt::tcp(CLIENT, 42000, NODE, NODE_PORT, SYN).build());
+    assert_eq!(translated(v, &out).sport, 61000);
+    let (v, _) = xdp(&dp, &Pkt::tcp(CLIENT, 42001, NODE, NODE_PORT, SYN).build());
+    assert_eq!(
+        v, XDP_DROP,
+        "one port, taken: the second flow cannot be told apart"
+    );
+    assert_eq!(drops(&dp, DropReason::SnatFailed), 1);
+
+    let mut dp = Datapath::load().unwrap();
+    program(
+        &mut dp,
+        NODE,
+        NODE_PORT,
+        &[backend(REMOTE, false)],
+        false,
+        &[],
+    );
+    let (v, _) = xdp(&dp, &Pkt::tcp(CLIENT, 42002, NODE, NODE_PORT, SYN).build());
+    assert_eq!(v, XDP_DROP, "no SNAT address yet");
+    assert_eq!(drops(&dp, DropReason::SnatFailed), 1);
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_only_their_clients() {
+    let mut dp = load();
+    program(
+        &mut dp,
+        LB_IP,
+        80,
+        &[backend(LOCAL, true)],
+        false,
+        &["192.0.2.0/28", "203.0.113.7/32"],
+    );
+    for (client, admitted) in [
+        ("192.0.2.1", true),
+        ("192.0.2.15", true),
+        ("203.0.113.7", true),
+        ("192.0.2.16", false),
+        ("203.0.113.8", false),
+    ] {
+        let (v, out) = xdp(&dp, &Pkt::tcp(client, 43000, LB_IP, 80, SYN).build());
+        if admitted {
+            assert_eq!(translated(v, &out).dst, ip(LOCAL), "{client}");
+        } else {
+            assert_eq!(v, XDP_DROP, "{client}");
+        }
+    }
+    assert_eq!(drops(&dp, DropReason::SourceRange), 2);
+    // Pods are held to the ranges too (the cluster scope header carries them).
+    let (v, _) = dp_from_pod(&dp, &Pkt::tcp("10.244.1.99", 43001, LB_IP, 80, SYN).build());
+    assert_eq!(v, 2, "TC_ACT_SHOT");
+    assert_eq!(drops(&dp, DropReason::SourceRange), 3);
+}
+
+fn dp_from_pod(dp: &Datapath, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = dp
+        .program(prog_names::FROM_POD)
+        .unwrap()
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+#[test]
+fn a_local_backends_reply_leaves_with_the_frontend_as_source() {
+    let mut dp = load();
+    program(
+        &mut dp,
+        NODE,
+        NODE_PORT,
+        &[backend(LOCAL, true)],
+        false,
+        &[],
+    );
+    let (v, out) = xdp(&dp, &Pkt::tcp(CLIENT, 44000, NODE, NODE_PORT, SYN).build());
+    assert_eq!(translated(v, &out).dst, ip(LOCAL));
+    let (v, out) = to_external(
+        &dp,
+        &Pkt::tcp(LOCAL, 8080, CLIENT, 44000, SYN | ACK).build(),
+    );
+    assert_eq!(v, TC_ACT_OK);
+    let back = parse_checked(&out);
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip(NODE), NODE_PORT, ip(CLIENT), 44000)
+    );
+    // Unrelated traffic leaving the node is untouched.
+    let other = Pkt::tcp(LOCAL, 8080, CLIENT, 44999, ACK).build();
+    assert_eq!(to_external(&dp, &other), (TC_ACT_OK, other));
+}

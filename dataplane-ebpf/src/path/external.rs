@@ -1,0 +1,257 @@
+//! The pipelines on the node's external interfaces: traffic from outside the node to NodePorts,
+//! LoadBalancer IPs and externalIPs (`SCOPE_EXTERNAL` frontends), and the way back.
+//!
+//! ```text
+//!  from_external (XDP):   parse -> conntrack: client's packet -> DNAT (+ SNAT)      -> forward
+//!                                             SNATed reply    -> un-SNAT, un-DNAT   -> forward
+//!                         -> external lookup -> source ranges -> backend pick
+//!                            local backend, or eTP Local: conntrack, DNAT           -> kernel
+//!                            remote backend, eTP Cluster: SNAT port, conntrack, DNAT + SNAT
+//!                                                                                   -> forward
+//!  to_external (TC egress): parse -> conntrack (a local backend's reply) -> reverse NAT (SNAT)
+//! ```
+//!
+//! "forward" sends a rewritten packet straight back out of the interface it came in on when the
+//! FIB says that is the way (XDP_TX, with the next hop's MAC and the TTL decremented), and hands
+//! it to the kernel otherwise (a local backend, an unresolved neighbour, another interface).
+//! Source NAT uses the node's address and a port in `NODE`'s range, chosen by inserting the reply
+//! entry with `BPF_NOEXIST`: a taken port is never reused while its entry lives.
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, TC_ACT_OK, bpf_fib_lookup as FibParams,
+        xdp_action::{XDP_PASS, XDP_TX},
+    },
+    helpers::{bpf_fib_lookup, bpf_get_prandom_u32},
+    programs::{TcContext, XdpContext},
+};
+use dataplane_common::{
+    BACKEND_LOCAL, CT_DIR_REPLY, CT_DIR_SERVICE, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_FLAG_SNAT,
+    CtKey, CtValue, DropReason, SCOPE_EXTERNAL, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_LOCAL,
+};
+
+use crate::counters::count_service;
+use crate::csum::csum_replace2;
+use crate::ctx::PacketCtx;
+use crate::maps::{CONNTRACK, NODE};
+use crate::nat::{nat_dst, nat_src};
+use crate::parse::{IPV4_OFF, Packet, header_mut};
+use crate::{ct, lb};
+
+/// Ports tried for one new source-NATed flow before it is dropped as `SnatFailed`.
+const SNAT_TRIES: u32 = 16;
+const AF_INET: u8 = 2;
+
+pub fn try_from_external(ctx: &XdpContext) -> Result<u32, DropReason> {
+    let Some(pkt) = Packet::parse(ctx)? else {
+        return Ok(XDP_PASS);
+    };
+    let key = pkt.ct_key(CT_DIR_SERVICE);
+    if let Some(ct) = ct::lookup(key) {
+        let reopened = pkt.is_tcp_syn() && ct.flags & CT_FLAG_CLOSING != 0;
+        if !reopened {
+            ct::track(ct, &pkt);
+            count_service(ct.rev_nat_id, ctx.len());
+            nat_dst(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
+            if ct.flags & CT_FLAG_SNAT == 0 {
+                return Ok(XDP_PASS);
+            }
+            still_ours(&pkt, ct)?;
+            nat_src(ctx, &pkt, ct.snat_addr, ct.snat_port)?;
+            return Ok(forward(ctx, ct.nat_addr));
+        }
+    }
+    if let Some(ct) = ct::lookup(pkt.ct_key(CT_DIR_REPLY)) {
+        // Other replies (of pods' connections) are the pod interfaces' business.
+        if ct.flags & CT_FLAG_SNAT == 0 {
+            return Ok(XDP_PASS);
+        }
+        ct::track(ct, &pkt);
+        nat_src(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
+        nat_dst(ctx, &pkt, ct.snat_addr, ct.snat_port)?;
+        return Ok(forward(ctx, ct.snat_addr));
+    }
+
+    let frontend = lb::Frontend::scoped(&pkt, SCOPE_EXTERNAL);
+    let Some(header) = lb::lookup(&frontend) else {
+        return Ok(XDP_PASS);
+    };
+    count_service(header.rev_nat_id, ctx.len());
+    lb::admit(&header, pkt.saddr)?;
+    if header.count == 0 {
+        return Err(if header.flags & SVC_FLAG_DROP_EMPTY != 0 {
+            DropReason::NoLocalBackend
+        } else {
+            DropReason::NoBackend
+        });
+    }
+    let (backend_id, backend) = lb::pick(&frontend, &header)?;
+    let snat = header.flags & SVC_FLAG_EXTERNAL_LOCAL == 0 && backend.flags & BACKEND_LOCAL == 0;
+    let reply = CtValue {
+        nat_addr: pkt.daddr,
+        nat_port: pkt.dport,
+        flags: ct::closing_flags(&pkt),
+        backend_id,
+        rev_nat_id: header.rev_nat_id,
+        pad: 0,
+        last_seen_ns: ct::now_ns(),
+        snat_addr: 0,
+        snat_port: 0,
+        pad2: 0,
+    };
+    let reply_key = CtKey {
+        saddr: backend.addr,
+        daddr: pkt.saddr,
+        sport: backend.port,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        pad: 0,
+    };
+    let forward_entry = CtValue {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        ..reply
+    };
+    if !snat {
+        ct::create(key, forward_entry, reply_key, reply)?;
+        nat_dst(ctx, &pkt, backend.addr, backend.port)?;
+        return Ok(XDP_PASS);
+    }
+
+    let node = NODE.get(0).copied().unwrap_or_default();
+    if node.snat_addr == 0 || node.snat_port_max < node.snat_port_min {
+        return Err(DropReason::SnatFailed);
+    }
+    let snat_reply = CtValue {
+        flags: reply.flags | CT_FLAG_SNAT,
+        snat_addr: pkt.saddr,
+        snat_port: pkt.sport,
+        ..reply
+    };
+    let port = snat_port(
+        CtKey {
+            daddr: node.snat_addr,
+            ..reply_key
+        },
+        &snat_reply,
+        node.snat_port_min,
+        node.snat_port_max,
+    )?;
+    let forward_entry = CtValue {
+        flags: snat_reply.flags,
+        snat_addr: node.snat_addr,
+        snat_port: port,
+        ..forward_entry
+    };
+    if CONNTRACK.insert(key, forward_entry, 0).is_err() {
+        let _ = CONNTRACK.remove(CtKey {
+            daddr: node.snat_addr,
+            dport: port,
+            ..reply_key
+        });
+        return Err(DropReason::CtCreateFailed);
+    }
+    nat_dst(ctx, &pkt, backend.addr, backend.port)?;
+    nat_src(ctx, &pkt, node.snat_addr, port)?;
+    Ok(forward(ctx, backend.addr))
+}
+
+/// A local backend's reply to a client outside the node: the frontend becomes its source again.
+pub fn try_to_external(ctx: &TcContext) -> Result<i32, DropReason> {
+    let Some(pkt) = Packet::parse(ctx)? else {
+        return Ok(TC_ACT_OK);
+    };
+    let Some(ct) = ct::lookup(pkt.ct_key(CT_DIR_REPLY)) else {
+        return Ok(TC_ACT_OK);
+    };
+    if ct.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0 {
+        return Ok(TC_ACT_OK);
+    }
+    ct::track(ct, &pkt);
+    nat_src(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
+    Ok(TC_ACT_OK)
+}
+
+/// Claims a free source port for a new flow by inserting its reply entry (`reply_key` with the
+/// port as destination) only where none exists, from a random start through the range.
+#[inline(always)]
+fn snat_port(mut reply_key: CtKey, reply: &CtValue, min: u16, max: u16) -> Result<u16, DropReason> {
+    let size = u32::from(max - min) + 1;
+    // SAFETY: helper call without arguments.
+    let start = unsafe { bpf_get_prandom_u32() };
+    for i in 0..SNAT_TRIES {
+        let port = min + ((start.wrapping_add(i)) % size) as u16;
+        reply_key.dport = port.to_be();
+        if CONNTRACK
+            .insert(reply_key, *reply, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return Ok(port.to_be());
+        }
+    }
+    Err(DropReason::SnatFailed)
+}
+
+/// A source-NATed flow's reply entry may have been evicted (the table is LRU) and its port taken
+/// by another client since: then this flow is dropped, so no reply ever reaches the wrong client.
+#[inline(always)]
+fn still_ours(pkt: &Packet, ct: &CtValue) -> Result<(), DropReason> {
+    let reply_key = CtKey {
+        saddr: ct.nat_addr,
+        daddr: ct.snat_addr,
+        sport: ct.nat_port,
+        dport: ct.snat_port,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        pad: 0,
+    };
+    match ct::lookup(reply_key) {
+        Some(reply) if reply.snat_addr == pkt.saddr && reply.snat_port == pkt.sport => Ok(()),
+        _ => Err(DropReason::SnatFailed),
+    }
+}
+
+/// Sends a rewritten packet towards `daddr`: back out of this interface from XDP when the FIB
+/// routes it there and knows the next hop's MAC, to the kernel otherwise.
+#[inline(always)]
+fn forward(ctx: &XdpContext, daddr: u32) -> u32 {
+    // SAFETY: an all-zero `bpf_fib_lookup` is a valid (empty) request.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.__bindgen_anon_4.ipv4_dst = daddr;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: helper call with the program's own context and a request on this stack frame.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != ctx.ingress_ifindex() as u32 {
+        return XDP_PASS;
+    }
+    let Some(ip) = header_mut::<20, XdpContext>(ctx, IPV4_OFF) else {
+        return XDP_PASS;
+    };
+    // SAFETY: in bounds (checked by `header_mut`), no helper call since.
+    let ip = unsafe { &mut *ip };
+    if ip[8] <= 1 {
+        // The kernel answers with ICMP time exceeded.
+        return XDP_PASS;
+    }
+    let old = u16::from_ne_bytes([ip[8], ip[9]]);
+    ip[8] -= 1;
+    let new = u16::from_ne_bytes([ip[8], ip[9]]);
+    let csum = u16::from_ne_bytes([ip[10], ip[11]]);
+    ip[10..12].copy_from_slice(&csum_replace2(csum, old, new).to_ne_bytes());
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&fib.dmac);
+    macs[6..].copy_from_slice(&fib.smac);
+    if ctx.store(0, &macs).is_none() {
+        return XDP_PASS;
+    }
+    XDP_TX
+}
