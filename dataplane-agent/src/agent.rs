@@ -57,6 +57,8 @@ pub struct Config {
     pub nodeport_addresses: NodePortAddresses,
     /// Source ports for external traffic to remote backends (inclusive).
     pub snat_ports: (u16, u16),
+    /// XDP in the driver where it has it (else generic).
+    pub xdp_mode_native: bool,
 }
 
 /// Where the objects come from.
@@ -74,6 +76,7 @@ pub struct Agent {
     socket_cgroup: Option<PathBuf>,
     external_interfaces: Vec<String>,
     snat_ports: (u16, u16),
+    xdp_native: bool,
     pipeline: Pipeline,
     datapath: Datapath,
     conntrack_entries: u64,
@@ -91,6 +94,7 @@ impl Agent {
             socket_cgroup: None,
             external_interfaces: Vec::new(),
             snat_ports: DEFAULT_SNAT_PORTS,
+            xdp_native: true,
             datapath,
             conntrack_entries: 0,
             interfaces_synced: false,
@@ -126,9 +130,15 @@ impl Agent {
     /// Attaches to these external interfaces once the first batch is programmed, and source-NATs
     /// with these ports.
     #[must_use]
-    pub fn with_external(mut self, interfaces: Vec<String>, snat_ports: (u16, u16)) -> Self {
+    pub fn with_external(
+        mut self,
+        interfaces: Vec<String>,
+        snat_ports: (u16, u16),
+        xdp_native: bool,
+    ) -> Self {
         self.external_interfaces = interfaces;
         self.snat_ports = snat_ports;
+        self.xdp_native = xdp_native;
         self
     }
 
@@ -142,7 +152,17 @@ impl Agent {
                 self.pipeline.count_error("attach", 1);
                 continue;
             };
-            match self.datapath.attach_external(&iface, idx) {
+            // Source-NATed packets (and their replies, from a frontend on this node) carry one of
+            // the node's own addresses as source; when XDP cannot send them out itself (the next
+            // hop's MAC is not resolved yet) the kernel forwards them, which it does only with
+            // accept_local.
+            let sysctl = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
+            if let Err(e) = std::fs::write(&sysctl, "1") {
+                warn!(%iface, error = %e, "cannot set {sysctl}");
+                self.pipeline.count_error("attach", 1);
+                continue;
+            }
+            match self.datapath.attach_external(&iface, idx, self.xdp_native) {
                 Ok(Some(mode)) => info!(%iface, ?mode, "external interface attached"),
                 Ok(None) => {}
                 Err(e) => {
@@ -407,7 +427,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.nodeport_addresses.clone(),
     )
     .with_socket_cgroup(config.socket_cgroup.clone())
-    .with_external(config.external_interfaces.clone(), config.snat_ports);
+    .with_external(
+        config.external_interfaces.clone(),
+        config.snat_ports,
+        config.xdp_mode_native,
+    );
     info!(node = %config.node_name, source = ?config.source, "agent started");
 
     let (status_tx, status_rx) = watch::channel(Arc::new(agent.status()));

@@ -303,8 +303,8 @@ impl Datapath {
         }
     }
 
-    /// Attaches to one of the node's external interfaces: `from_external` as XDP (native, else
-    /// generic) and `to_external` as TC egress. Both or neither: a failure detaches what was
+    /// Attaches to one of the node's external interfaces: `from_external` as XDP (native where
+    /// asked for and the driver has it, else generic) and `to_external` as TC egress. Both or neither: a failure detaches what was
     /// attached. Pinned as `<dir>/links/<iface>_xdp` and `_egress`, with an earlier agent's links
     /// getting this agent's programs swapped in.
     ///
@@ -314,6 +314,7 @@ impl Datapath {
         &mut self,
         iface: &str,
         ifindex: u32,
+        native: bool,
     ) -> anyhow::Result<Option<XdpAttachMode>> {
         if let Some((a, _)) = self.external.get(iface) {
             if a.ifindex == ifindex {
@@ -328,7 +329,7 @@ impl Datapath {
         };
         let (xdp_pin, tc_pin) = (pin("xdp"), pin("egress"));
         let (xdp, mode) = self
-            .attach_xdp(iface, xdp_pin)
+            .attach_xdp(iface, xdp_pin, native)
             .with_context(|| format!("attaching {} to {iface}", prog_names::FROM_EXTERNAL))?;
         let tc = match self.attach_one(prog_names::TO_EXTERNAL, iface, TcAttachType::Egress, tc_pin)
         {
@@ -349,6 +350,7 @@ impl Datapath {
         &mut self,
         iface: &str,
         pin: Option<PathBuf>,
+        native: bool,
     ) -> anyhow::Result<(AttachedLink, XdpAttachMode)> {
         let prog: &mut Xdp = self
             .ebpf
@@ -373,9 +375,14 @@ impl Datapath {
             }
             let _ = std::fs::remove_file(path);
         }
-        let (id, mode) = match prog.attach(iface, XdpMode::Driver) {
-            Ok(id) => (id, XdpAttachMode::Native),
-            Err(_) => (prog.attach(iface, XdpMode::Skb)?, XdpAttachMode::Generic),
+        let native = if native {
+            prog.attach(iface, XdpMode::Driver).ok()
+        } else {
+            None
+        };
+        let (id, mode) = match native {
+            Some(id) => (id, XdpAttachMode::Native),
+            None => (prog.attach(iface, XdpMode::Skb)?, XdpAttachMode::Generic),
         };
         let link = FdLink::try_from(prog.take_link(id)?)?;
         let Some(path) = pin else {

@@ -87,6 +87,10 @@ struct RunArgs {
     /// must lie outside net.ipv4.ip_local_port_range.
     #[arg(long, env = "DATAPLANE_SNAT_PORTS", default_value = "61000-65535", value_parser = parse_port_range)]
     snat_ports: (u16, u16),
+    /// How XDP runs on the external interfaces: `native` (in the driver, falling back to
+    /// generic where the driver has no XDP) or `generic` (in the kernel's receive path).
+    #[arg(long, env = "DATAPLANE_XDP_MODE", default_value = "native", value_parser = ["native", "generic"])]
+    xdp_mode: String,
 }
 
 fn main() -> std::process::ExitCode {
@@ -123,6 +127,7 @@ fn main_inner() -> anyhow::Result<()> {
                 external_interfaces,
                 nodeport_addresses,
                 snat_ports,
+                xdp_mode,
             } = *args;
             let config = Config {
                 node_name,
@@ -138,6 +143,7 @@ fn main_inner() -> anyhow::Result<()> {
                 external_interfaces,
                 nodeport_addresses,
                 snat_ports,
+                xdp_mode_native: xdp_mode == "native",
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

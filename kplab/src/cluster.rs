@@ -8,6 +8,7 @@ use anyhow::{Context as _, bail};
 use dataplane_core::manifest::is_manifest;
 use dataplane_core::net::Cidr;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize as _;
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -64,6 +65,10 @@ pub struct ServiceSpec {
     /// `externalTrafficPolicy: Local`.
     #[serde(default)]
     pub external_local: bool,
+    /// The nodes (`nodeName`) of the Service's ready endpoints, from its EndpointSlices: where
+    /// its health check node port answers 200.
+    #[serde(default)]
+    pub endpoint_nodes: Vec<String>,
 }
 
 impl ServiceSpec {
@@ -101,6 +106,7 @@ pub fn read(dir: &Path) -> anyhow::Result<Cluster> {
             cluster.files.insert(name, std::fs::read(entry.path())?);
         }
     }
+    let mut slices = Vec::new();
     for (name, content) in &cluster.files {
         for doc in serde_yaml::Deserializer::from_slice(content) {
             // Malformed documents are the agents' business (they warn and skip); the lab only
@@ -132,6 +138,11 @@ pub fn read(dir: &Path) -> anyhow::Result<Cluster> {
                         cluster.services.push(spec);
                     }
                 }
+                "EndpointSlice" => {
+                    if let Ok(slice) = serde_yaml::from_value::<EndpointSlice>(value) {
+                        slices.push(slice);
+                    }
+                }
                 _ => {}
             }
         }
@@ -141,6 +152,29 @@ pub fn read(dir: &Path) -> anyhow::Result<Cluster> {
             "{}: no Node objects; the lab builds its nodes from them",
             dir.display()
         );
+    }
+    for slice in &slices {
+        let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
+        let Some(svc) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+        else {
+            continue;
+        };
+        let key = format!("{ns}/{svc}");
+        let Some(spec) = cluster.services.iter_mut().find(|s| s.key == key) else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if let (true, Some(node)) = (ready, &ep.node_name)
+                && !spec.endpoint_nodes.contains(node)
+            {
+                spec.endpoint_nodes.push(node.clone());
+            }
+        }
     }
     cluster.nodes.sort_by(|a, b| a.name.cmp(&b.name));
     cluster.pods.sort_by(|a, b| a.key.cmp(&b.key));
@@ -255,6 +289,7 @@ fn service_spec(svc: &Service) -> Option<ServiceSpec> {
             .filter_map(|ip| ip.parse().ok())
             .collect(),
         external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        endpoint_nodes: Vec::new(),
     })
 }
 

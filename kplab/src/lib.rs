@@ -415,20 +415,16 @@ pub fn up(
 }
 
 /// Each LoadBalancer IP and externalIP goes, from every external host, to one node, as a load
-/// balancer sends it: with `externalTrafficPolicy: Local` the first node (in the manifests'
-/// order) running a pod the Service selects (the one whose health check node port would answer
-/// 200), otherwise the first node. One node per address keeps the lab deterministic; NodePorts
-/// are reached on every node's own address.
+/// balancer sends it: with `externalTrafficPolicy: Local` the first node (by name) with a ready
+/// endpoint (the one whose health check node port answers 200), otherwise the first node. One
+/// node per address keeps the lab deterministic; NodePorts are reached on every node's address.
 fn route_external_addresses(state: &State) -> anyhow::Result<()> {
     for svc in &state.services {
-        let serving = |n: &&NodeState| {
-            state
-                .pods
-                .iter()
-                .any(|p| p.spec.node == n.spec.name && svc.selects(&p.spec))
-        };
         let node = if svc.external_local {
-            state.nodes.iter().find(serving)
+            state
+                .nodes
+                .iter()
+                .find(|n| svc.endpoint_nodes.contains(&n.spec.name))
         } else {
             None
         }
@@ -507,7 +503,9 @@ fn start_agent(node: &NodeState, agent: &Path, kubernetes: bool) -> anyhow::Resu
     if let Some(cg) = &node.cgroup {
         args.extend(["--socket-cgroup".to_owned(), cg.display().to_string()]);
     }
-    args.extend(["--external-interfaces".to_owned(), "eth0".to_owned()]);
+    // Generic XDP: a veth's native XDP_TX hands frames to its peer's NAPI, which a plain bridge
+    // port does not run, so forwarded frames were lost (see ARCHITECTURE.md).
+    args.extend(["--external-interfaces", "eth0", "--xdp-mode", "generic"].map(str::to_owned));
     topology::spawn_in(
         Some(&node.netns),
         node.cgroup.as_deref(),

@@ -91,11 +91,15 @@ fn manifests(
              apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: t}\n\
              spec: {clusterIP: 10.97.0.99, ports: [{name: a, port: 80, protocol: TCP}, {name: b, port: 99, protocol: UDP}]}\n";
     if let Some(eps) = web {
+        let node_of = |ip: &str| PODS.iter().find(|p| p.2 == ip).map_or("node-a", |p| p.1);
         let eps: Vec<String> = eps
             .iter()
             .map(|(_, ip, ready)| match ready {
-                Some(r) => format!("{{addresses: [{ip}], conditions: {{ready: {r}}}}}"),
-                None => format!("{{addresses: [{ip}]}}"),
+                Some(r) => format!(
+                    "{{addresses: [{ip}], nodeName: {}, conditions: {{ready: {r}}}}}",
+                    node_of(ip)
+                ),
+                None => format!("{{addresses: [{ip}], nodeName: {}}}", node_of(ip)),
             })
             .collect();
         svcs += &format!(
@@ -157,6 +161,8 @@ impl Lab {
             m.to_str().unwrap(),
             "--external",
             "ext=172.31.0.100",
+            "--external",
+            "ext2=172.31.0.200",
         ];
         if let Some(kc) = kubeconfig {
             args.extend(["--kubeconfig", kc.to_str().unwrap()]);
@@ -538,7 +544,7 @@ const LB_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: lb, na
      apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
      metadata: {name: lb-x, namespace: t, labels: {kubernetes.io/service-name: lb}}\n\
      addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\n\
-     endpoints: [{addresses: [10.245.1.21]}]\n";
+     endpoints: [{addresses: [10.245.1.21], nodeName: node-a}]\n";
 
 #[test]
 fn node_ports_external_ips_and_load_balancer_ips_answer_pods_and_nodes_except_ip_mode_proxy() {
@@ -552,25 +558,168 @@ fn node_ports_external_ips_and_load_balancer_ips_answer_pods_and_nodes_except_ip
                 "{from} -> {to}: {r:?}"
             );
         }
-        // The NodePort on the client's own node's InternalIP (another node's NodePort is reached
-        // through that node's external path, not built yet).
-        let own_node = if from.ends_with('a') {
-            "172.31.0.2:30080"
-        } else {
-            "172.31.0.3:30080"
-        };
-        let r = probe(from, own_node, "tcp", 5);
-        assert!(
-            r.iter()
-                .all(|r| r["result"] == "connected" && r["backend"] == "t/web-1"),
-            "{from} -> NodePort {own_node}: {r:?}"
-        );
+        // The NodePort on both nodes' InternalIPs: the own node's is translated here (pod
+        // interface or socket), the other node's by that node's external interface.
+        for node_port in ["172.31.0.2:30080", "172.31.0.3:30080"] {
+            let r = probe(from, node_port, "tcp", 5);
+            assert!(
+                r.iter()
+                    .all(|r| r["result"] == "connected" && r["backend"] == "t/web-1"),
+                "{from} -> NodePort {node_port}: {r:?}"
+            );
+        }
         let proxied = probe(from, "10.98.1.2:80", "tcp", 1);
         assert_ne!(
             proxied[0]["result"], "connected",
             "{from}: an ipMode Proxy address is the load balancer's, not translated here"
         );
     }
+}
+
+/// Services for traffic from outside: `cl` (eTP Cluster, web-1 on node-a and web-2 on node-b,
+/// NodePort 30081, LB IP 10.98.2.1 and externalIP 10.98.0.8), `loc` (eTP Local, web-3 on node-b
+/// only, NodePort 30082, LB IP 10.98.2.2), `rng` (LB IP 10.98.2.3 for 172.31.0.200/32 only),
+/// `itl` (iTP Local, web-1 on node-a only).
+const EXTERNAL_SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: cl, namespace: t}\n\
+     spec: {type: LoadBalancer, clusterIP: 10.97.0.21, externalIPs: [10.98.0.8], ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30081}]}\n\
+     status: {loadBalancer: {ingress: [{ip: 10.98.2.1}]}}\n---\n\
+     apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+     metadata: {name: cl-x, namespace: t, labels: {kubernetes.io/service-name: cl}}\n\
+     addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\n\
+     endpoints: [{addresses: [10.245.1.21], nodeName: node-a}, {addresses: [10.245.2.22], nodeName: node-b}]\n---\n\
+     apiVersion: v1\nkind: Service\nmetadata: {name: loc, namespace: t}\n\
+     spec: {type: LoadBalancer, clusterIP: 10.97.0.22, externalTrafficPolicy: Local, selector: {app: loc}, ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30082}]}\n\
+     status: {loadBalancer: {ingress: [{ip: 10.98.2.2}]}}\n---\n\
+     apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+     metadata: {name: loc-x, namespace: t, labels: {kubernetes.io/service-name: loc}}\n\
+     addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\n\
+     endpoints: [{addresses: [10.245.2.23], nodeName: node-b}]\n---\n\
+     apiVersion: v1\nkind: Service\nmetadata: {name: rng, namespace: t}\n\
+     spec: {type: LoadBalancer, clusterIP: 10.97.0.23, loadBalancerSourceRanges: [172.31.0.200/32], ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30083}]}\n\
+     status: {loadBalancer: {ingress: [{ip: 10.98.2.3}]}}\n---\n\
+     apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+     metadata: {name: rng-x, namespace: t, labels: {kubernetes.io/service-name: rng}}\n\
+     addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\n\
+     endpoints: [{addresses: [10.245.1.21], nodeName: node-a}]\n---\n\
+     apiVersion: v1\nkind: Service\nmetadata: {name: itl, namespace: t}\n\
+     spec: {clusterIP: 10.97.0.24, internalTrafficPolicy: Local, ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080}]}\n---\n\
+     apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+     metadata: {name: itl-x, namespace: t, labels: {kubernetes.io/service-name: itl}}\n\
+     addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\n\
+     endpoints: [{addresses: [10.245.1.21], nodeName: node-a}]\n";
+
+/// (backend, client address it saw, without the port) of every connected probe.
+fn answers(results: &[Value]) -> std::collections::BTreeSet<(String, String)> {
+    results
+        .iter()
+        .filter(|r| r["result"] == "connected")
+        .map(|r| {
+            (
+                r["backend"].as_str().unwrap_or("-").to_owned(),
+                r["client_seen"]
+                    .as_str()
+                    .and_then(|c| c.split(':').next())
+                    .unwrap_or("-")
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn pair(backend: &str, client: &str) -> (String, String) {
+    (backend.to_owned(), client.to_owned())
+}
+
+#[test]
+fn external_clients_reach_node_ports_and_load_balancer_ips_under_each_traffic_policy() {
+    let _lab = Lab::start_with_files(None, &[], &[("external.yaml", EXTERNAL_SERVICES)]);
+    // eTP Cluster: every endpoint from either node; a local one sees the client, a remote one
+    // the node that forwarded (source NAT, so its reply comes back through that node).
+    for (node, node_ip) in [("node-a", "172.31.0.2"), ("node-b", "172.31.0.3")] {
+        let r = probe("ext", &format!("{node_ip}:30081"), "tcp", 24);
+        let (local, remote) = if node == "node-a" {
+            ("t/web-1", "t/web-2")
+        } else {
+            ("t/web-2", "t/web-1")
+        };
+        assert_eq!(
+            answers(&r),
+            [pair(local, "172.31.0.100"), pair(remote, node_ip)].into(),
+            "ext -> {node} NodePort: {r:?}"
+        );
+    }
+    for to in ["10.98.2.1:80", "10.98.0.8:80"] {
+        let r = probe("ext", to, "tcp", 24);
+        assert!(
+            r.iter().all(|r| r["result"] == "connected"),
+            "ext -> {to}: {r:?}"
+        );
+        assert_eq!(
+            backends(&r),
+            ["t/web-1".to_owned(), "t/web-2".to_owned()].into(),
+            "{to}"
+        );
+    }
+    // eTP Local: node-b has the endpoint, the client address is kept; node-a has none and drops.
+    let r = probe("ext", "172.31.0.3:30082", "tcp", 5);
+    assert_eq!(
+        answers(&r),
+        [pair("t/web-3", "172.31.0.100")].into(),
+        "{r:?}"
+    );
+    let r = probe("ext", "10.98.2.2:80", "tcp", 5);
+    assert_eq!(
+        answers(&r),
+        [pair("t/web-3", "172.31.0.100")].into(),
+        "LB IP routed to node-b: {r:?}"
+    );
+    let r = probe("ext", "172.31.0.2:30082", "tcp", 2);
+    assert!(
+        r.iter().all(|r| r["result"] == "timeout"),
+        "eTP Local, no local endpoint: {r:?}"
+    );
+    // ...while pods and nodes reach it everywhere (in-cluster traffic ignores eTP).
+    for from in ["t/client-a", "node-a"] {
+        let r = probe(from, "172.31.0.2:30082", "tcp", 3);
+        assert_eq!(backends(&r), ["t/web-3".to_owned()].into(), "{from}: {r:?}");
+    }
+    // Hairpin through a NodePort: web-3 reaches itself.
+    let r = probe("t/web-3", "172.31.0.3:30082", "tcp", 3);
+    assert_eq!(
+        backends(&r),
+        ["t/web-3".to_owned()].into(),
+        "hairpin: {r:?}"
+    );
+    // A pod reaches the other node's NodePort through that node's XDP.
+    let r = probe("t/client-a", "172.31.0.3:30081", "tcp", 24);
+    assert!(r.iter().all(|r| r["result"] == "connected"), "{r:?}");
+
+    // Source ranges: only 172.31.0.200 reaches the LB IP.
+    let r = probe("ext2", "10.98.2.3:80", "tcp", 3);
+    assert_eq!(
+        answers(&r),
+        [pair("t/web-1", "172.31.0.200")].into(),
+        "{r:?}"
+    );
+    let r = probe("ext", "10.98.2.3:80", "tcp", 2);
+    assert!(
+        r.iter().all(|r| r["result"] == "timeout"),
+        "outside the ranges: {r:?}"
+    );
+
+    // iTP Local: node-a's clients reach node-a's endpoint; node-b's have none and are dropped.
+    for from in ["t/client-a", "node-a"] {
+        let r = probe(from, "10.97.0.24:80", "tcp", 3);
+        assert_eq!(backends(&r), ["t/web-1".to_owned()].into(), "{from}: {r:?}");
+    }
+    let r = probe("t/client-b", "10.97.0.24:80", "tcp", 2);
+    assert!(
+        r.iter().all(|r| r["result"] == "timeout"),
+        "iTP Local, none local: {r:?}"
+    );
+    let r = probe("node-b", "10.97.0.24:80", "tcp", 1);
+    assert_ne!(r[0]["result"], "connected", "{r:?}");
+    assert_eq!(checksum_errors(), 0);
 }
 
 #[test]
