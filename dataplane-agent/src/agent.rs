@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::datapath::Datapath;
+use crate::health::HealthCheckServers;
 use crate::interfaces::{ifindex, local_addresses, local_pod_ips, parse_routes, pod_interfaces};
 use crate::manifests::ManifestSource;
 use crate::metrics::Status;
@@ -44,8 +45,10 @@ pub struct Config {
     pub source: Source,
     pub status_file: Option<PathBuf>,
     pub poll: Duration,
-    /// Where `/healthz`, `/readyz` and `/metrics` are served; `None` serves nothing.
-    pub http_bind: Option<std::net::SocketAddr>,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served (loopback); `None` serves nothing.
+    pub metrics_bind: Option<std::net::SocketAddr>,
+    /// Where kube-proxy's node `/healthz` and `/livez` are served (reachable by load balancers).
+    pub healthz_bind: Option<std::net::SocketAddr>,
     /// A directory on a bpffs: conntrack and links are pinned there and survive restarts.
     pub bpffs: Option<PathBuf>,
     /// The cgroup v2 directory the socket hooks go on (node processes reach Services there).
@@ -83,6 +86,8 @@ pub struct Agent {
     interfaces_synced: bool,
     drops: BTreeMap<&'static str, u64>,
     service_stats: HashMap<u16, SvcStats>,
+    health_checks: HealthCheckServers,
+    last_programmed: Option<String>,
 }
 
 impl Agent {
@@ -100,6 +105,8 @@ impl Agent {
             interfaces_synced: false,
             drops: BTreeMap::new(),
             service_stats: HashMap::new(),
+            health_checks: HealthCheckServers::default(),
+            last_programmed: None,
         }
     }
 
@@ -118,6 +125,8 @@ impl Agent {
         if applied.dirty.contains(&Target::Pods) || self.pipeline.generation() == 1 {
             self.sync_interfaces();
         }
+        self.last_programmed = Some(k8s_openapi::jiff::Timestamp::now().to_string());
+        self.sync_health_checks();
         self.pipeline.observe_latency(applied.received);
         info!(
             generation = self.pipeline.generation(),
@@ -157,10 +166,11 @@ impl Agent {
             // hop's MAC is not resolved yet) the kernel forwards them, which it does only with
             // accept_local.
             let sysctl = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
-            if let Err(e) = std::fs::write(&sysctl, "1") {
-                warn!(%iface, error = %e, "cannot set {sysctl}");
-                self.pipeline.count_error("attach", 1);
-                continue;
+            if !self.datapath.external().any(|(i, _)| i == iface)
+                && let Err(e) = std::fs::write(&sysctl, "1")
+            {
+                warn!(%iface, error = %e, "cannot set {sysctl}: until the next hop's MAC is known, source-NATed packets are dropped");
+                self.pipeline.count_error("sysctl", 1);
             }
             match self.datapath.attach_external(&iface, idx, self.xdp_native) {
                 Ok(Some(mode)) => info!(%iface, ?mode, "external interface attached"),
@@ -186,6 +196,15 @@ impl Agent {
             .set_local_addresses(local_addresses(), &mut self.datapath);
         for problem in &report.problems {
             warn!(service = %problem.service(), label = problem.metric_label(), "{problem}");
+        }
+    }
+
+    /// Serves this node's health check node ports as the index says (a port that cannot be
+    /// bound is counted and retried).
+    pub fn sync_health_checks(&mut self) {
+        for (port, e) in self.health_checks.sync(&self.pipeline.health_checks()) {
+            warn!(port, error = %e, "cannot serve a health check node port");
+            self.pipeline.count_error("health_check_bind", 1);
         }
     }
 
@@ -318,7 +337,7 @@ impl Agent {
     /// The current status, with the counters as last refreshed.
     #[must_use]
     pub fn status(&self) -> Status {
-        self.pipeline.status(
+        let mut status = self.pipeline.status(
             &self.node,
             KernelReadings {
                 interfaces: self
@@ -341,7 +360,9 @@ impl Agent {
                 service_stats: Some(&self.service_stats),
                 conntrack_entries: self.conntrack_entries,
             },
-        )
+        );
+        status.last_programmed.clone_from(&self.last_programmed);
+        status
     }
 }
 
@@ -435,12 +456,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     info!(node = %config.node_name, source = ?config.source, "agent started");
 
     let (status_tx, status_rx) = watch::channel(Arc::new(agent.status()));
-    if let Some(addr) = config.http_bind {
+    if let Some(addr) = config.metrics_bind {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .with_context(|| format!("binding the HTTP endpoints to {addr}"))?;
+            .with_context(|| format!("binding the metrics address {addr}"))?;
         info!(%addr, "serving /healthz, /readyz, /metrics");
-        tokio::spawn(crate::http::serve(listener, status_rx));
+        tokio::spawn(crate::http::serve(listener, status_rx.clone()));
+    }
+    if let Some(addr) = config.healthz_bind {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the healthz address {addr}"))?;
+        info!(%addr, "serving kube-proxy's /healthz and /livez");
+        tokio::spawn(crate::http::serve_with(
+            listener,
+            status_rx,
+            crate::http::respond_node,
+        ));
     }
     let (tx, mut rx) = mpsc::channel(16);
     match &config.source {
@@ -466,6 +498,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
             _ = every_second.tick() => {
                 agent.sync_interfaces();
+                agent.sync_health_checks();
                 agent.refresh_counters();
                 report(config.status_file.as_deref(), &agent, &status_tx);
             }

@@ -58,13 +58,21 @@ struct RunArgs {
     /// How often the manifests directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 100)]
     poll_ms: u64,
-    /// Address for /healthz, /readyz and /metrics (loopback by default, as kube-proxy's metrics).
+    /// Address for /healthz, /readyz and /metrics (loopback, kube-proxy's metrics port).
     #[arg(
         long,
-        env = "DATAPLANE_HTTP_BIND_ADDRESS",
-        default_value = "127.0.0.1:10256"
+        env = "DATAPLANE_METRICS_BIND_ADDRESS",
+        default_value = "127.0.0.1:10249"
     )]
-    http_bind_address: std::net::SocketAddr,
+    metrics_bind_address: std::net::SocketAddr,
+    /// Address for kube-proxy's node health endpoints /healthz and /livez (all addresses, so a
+    /// cloud load balancer can probe the node, as kube-proxy's healthz port).
+    #[arg(
+        long,
+        env = "DATAPLANE_HEALTHZ_BIND_ADDRESS",
+        default_value = "0.0.0.0:10256"
+    )]
+    healthz_bind_address: std::net::SocketAddr,
     /// A directory on a bpffs where conntrack and the program links are pinned, so that
     /// connections and the datapath survive agent restarts and upgrades.
     #[arg(long, env = "DATAPLANE_BPFFS")]
@@ -121,7 +129,8 @@ fn main_inner() -> anyhow::Result<()> {
                 kubeconfig,
                 status_file,
                 poll_ms,
-                http_bind_address,
+                metrics_bind_address,
+                healthz_bind_address,
                 bpffs,
                 socket_cgroup,
                 external_interfaces,
@@ -137,7 +146,8 @@ fn main_inner() -> anyhow::Result<()> {
                 },
                 status_file,
                 poll: Duration::from_millis(poll_ms),
-                http_bind: Some(http_bind_address),
+                metrics_bind: Some(metrics_bind_address),
+                healthz_bind: Some(healthz_bind_address),
                 bpffs,
                 socket_cgroup,
                 external_interfaces,

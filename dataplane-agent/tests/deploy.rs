@@ -117,7 +117,7 @@ fn daemonset_replaces_kube_proxy_with_least_privilege() {
     }
 
     let config: ConfigMap = load("configmap.yaml");
-    let bind = &config.data.as_ref().unwrap()["DATAPLANE_HTTP_BIND_ADDRESS"];
+    let bind = &config.data.as_ref().unwrap()["DATAPLANE_METRICS_BIND_ADDRESS"];
     let port: i32 = bind.rsplit(':').next().unwrap().parse().unwrap();
     for (probe, path) in [
         (&agent.readiness_probe, "/readyz"),

@@ -15,6 +15,7 @@ use crate::index::{Dirty, Index, Target};
 use crate::reconcile::{MapWriter, NodePortAddresses, Reconciler, SyncProblem, SyncReport};
 use crate::source::{Batch, Event, SourceWarning};
 use crate::status::{Histogram, MapUsage, ServiceStatus, Status, by_label};
+use crate::translate::{HealthCheck, health_check};
 
 /// What applying one batch did.
 #[derive(Debug)]
@@ -57,6 +58,22 @@ impl Pipeline {
             reconciler: Reconciler::for_node(node, nodeport_addresses),
             ..Self::default()
         }
+    }
+
+    /// The health check node ports this node serves, by port (one Service per port: the API
+    /// server allocates them uniquely; a duplicate keeps the first Service by name).
+    #[must_use]
+    pub fn health_checks(&self) -> BTreeMap<u16, HealthCheck> {
+        let Some(node) = self.reconciler.node() else {
+            return BTreeMap::new();
+        };
+        let mut out = BTreeMap::new();
+        for (name, svc) in &self.index.services {
+            if let Some(h) = health_check(svc, &self.index.slices_of(name), node) {
+                out.entry(h.port).or_insert(h);
+            }
+        }
+        out
     }
 
     /// Records the node's interface addresses; NodePorts that move with them are rewritten.
@@ -159,6 +176,7 @@ impl Pipeline {
         Status {
             node: node.to_owned(),
             generation: self.generation,
+            last_programmed: None,
             fingerprint: self.fingerprint.map(|f| format!("{f:016x}")),
             objects: by_label(self.index.counts()),
             frontends,

@@ -73,6 +73,9 @@ pub struct Status {
     pub node: String,
     /// Number of batches fully programmed so far; 0 until the first full sync is programmed.
     pub generation: u64,
+    /// When the last batch was programmed (RFC 3339), for kube-proxy's `/healthz` format.
+    #[serde(default)]
+    pub last_programmed: Option<String>,
     /// Fingerprint of the source state the maps now reflect (hex), once programmed.
     pub fingerprint: Option<String>,
     pub objects: BTreeMap<Label, usize>,

@@ -378,6 +378,48 @@ pub fn translate_service_on(
     Ok(out)
 }
 
+/// A `healthCheckNodePort` of an `externalTrafficPolicy: Local` LoadBalancer Service, as a node
+/// answers it: a cloud load balancer sends the Service's traffic only to nodes with local
+/// endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    pub port: u16,
+    /// Ready endpoints on this node (kube-proxy's `localEndpoints`).
+    pub local_endpoints: usize,
+}
+
+/// The health check node port a Service needs on node `node`, if any: `externalTrafficPolicy:
+/// Local`, type LoadBalancer, `healthCheckNodePort` set.
+#[must_use]
+pub fn health_check(svc: &Service, slices: &[&EndpointSlice], node: &str) -> Option<HealthCheck> {
+    let spec = svc.spec.as_ref()?;
+    if !is_proxied(svc)
+        || spec.type_.as_deref() != Some("LoadBalancer")
+        || spec.external_traffic_policy.as_deref() != Some("Local")
+    {
+        return None;
+    }
+    let port = port_number(spec.health_check_node_port?).ok()?;
+    let mut local: Vec<&str> = slices
+        .iter()
+        .filter(|s| s.address_type == "IPv4")
+        .flat_map(|s| &s.endpoints)
+        .filter(|ep| ep.node_name.as_deref() == Some(node))
+        .filter(|ep| ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .flat_map(|ep| ep.addresses.iter().map(String::as_str))
+        .collect();
+    local.sort_unstable();
+    local.dedup();
+    Some(HealthCheck {
+        namespace: svc.metadata.namespace.clone().unwrap_or_default(),
+        name: svc.metadata.name.clone().unwrap_or_default(),
+        port,
+        local_endpoints: local.len(),
+    })
+}
+
 /// An endpoint that may serve: ready, or serving and terminating (a fallback).
 struct Candidate {
     backend: BackendAddr,
@@ -968,6 +1010,33 @@ mod tests {
             t.warnings.iter().any(|w| w.contains("\"bad\"")),
             "the malformed range is named: {:?}",
             t.warnings
+        );
+    }
+
+    #[test]
+    fn health_check_node_ports_count_this_nodes_ready_endpoints() {
+        let (mut svc, eps) = policy_case("Local", "Cluster", true);
+        assert_eq!(
+            health_check(&svc, &[&eps], "node-a"),
+            None,
+            "no port allocated"
+        );
+        svc.spec.as_mut().unwrap().health_check_node_port = Some(32000);
+        let count =
+            |node: &str| health_check(&svc, &[&eps], node).map(|h| (h.port, h.local_endpoints));
+        assert_eq!(
+            count("node-a"),
+            Some((32000, 1)),
+            "the terminating one does not count"
+        );
+        assert_eq!(count("node-b"), Some((32000, 1)));
+        assert_eq!(count("node-c"), Some((32000, 0)));
+        let (mut cluster, _) = policy_case("Cluster", "Cluster", true);
+        cluster.spec.as_mut().unwrap().health_check_node_port = Some(32000);
+        assert_eq!(
+            health_check(&cluster, &[&eps], "node-a"),
+            None,
+            "eTP Cluster has none"
         );
     }
 }

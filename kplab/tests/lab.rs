@@ -187,6 +187,16 @@ impl Lab {
         ok(kplab(&["apply", m.to_str().unwrap()]));
     }
 
+    /// The base manifests (all web endpoints, the echo Service) plus `files`.
+    fn apply_files(&self, name: &str, files: &[(&str, &str)]) {
+        let m = self.dir.path().join(name);
+        manifests(&m, Some(ALL_WEB), ECHO_SERVICE, &[]);
+        for (file, content) in files {
+            std::fs::write(m.join(file), content).unwrap();
+        }
+        ok(kplab(&["apply", m.to_str().unwrap()]));
+    }
+
     fn state(&self) -> Value {
         serde_json::from_str(&ok(kplab(&["status"]))).unwrap()
     }
@@ -328,7 +338,7 @@ fn clusterip_from_both_nodes_reaches_every_ready_backend_with_the_client_address
     let mut web_packets = 0;
     for _ in 0..30 {
         let out = netns::command(&node_ns, "curl")
-            .args(["-sS", "-m", "3", "http://127.0.0.1:10256/metrics"])
+            .args(["-sS", "-m", "3", "http://127.0.0.1:10249/metrics"])
             .output()
             .unwrap();
         let metrics = String::from_utf8_lossy(&out.stdout);
@@ -588,7 +598,7 @@ const EXTERNAL_SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name:
      addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\n\
      endpoints: [{addresses: [10.245.1.21], nodeName: node-a}, {addresses: [10.245.2.22], nodeName: node-b}]\n---\n\
      apiVersion: v1\nkind: Service\nmetadata: {name: loc, namespace: t}\n\
-     spec: {type: LoadBalancer, clusterIP: 10.97.0.22, externalTrafficPolicy: Local, selector: {app: loc}, ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30082}]}\n\
+     spec: {type: LoadBalancer, clusterIP: 10.97.0.22, externalTrafficPolicy: Local, healthCheckNodePort: 32100, selector: {app: loc}, ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30082}]}\n\
      status: {loadBalancer: {ingress: [{ip: 10.98.2.2}]}}\n---\n\
      apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
      metadata: {name: loc-x, namespace: t, labels: {kubernetes.io/service-name: loc}}\n\
@@ -607,6 +617,57 @@ const EXTERNAL_SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name:
      metadata: {name: itl-x, namespace: t, labels: {kubernetes.io/service-name: itl}}\n\
      addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\n\
      endpoints: [{addresses: [10.245.1.21], nodeName: node-a}]\n";
+
+/// One HTTP GET from a lab host with curl: status code and JSON body.
+fn http_get(from: &str, to: &str, path: &str) -> (u16, Value) {
+    let out = kplab(&[
+        "exec",
+        "--on",
+        from,
+        "--",
+        "curl",
+        "-sS",
+        "-m",
+        "3",
+        "-w",
+        "\n%{http_code}",
+        &format!("http://{to}{path}"),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text
+        .trim_end()
+        .rsplit_once('\n')
+        .unwrap_or(("", text.trim()));
+    (
+        code.parse().unwrap_or(0),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+/// A health check node port's answer: status code and `localEndpoints`.
+fn health(from: &str, to: &str, path: &str) -> (u16, u64) {
+    let (code, body) = http_get(from, to, path);
+    (code, body["localEndpoints"].as_u64().unwrap_or(u64::MAX))
+}
+
+fn probe_http(from: &str, to: &str, path: &str) -> Vec<Value> {
+    let out = ok(kplab(&[
+        "probe",
+        "--from",
+        from,
+        "--to",
+        to,
+        "--proto",
+        "tcp",
+        "--timeout-ms",
+        "500",
+        "--http",
+        path,
+    ]));
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
 
 /// (backend, client address it saw, without the port) of every connected probe.
 fn answers(results: &[Value]) -> std::collections::BTreeSet<(String, String)> {
@@ -632,7 +693,7 @@ fn pair(backend: &str, client: &str) -> (String, String) {
 
 #[test]
 fn external_clients_reach_node_ports_and_load_balancer_ips_under_each_traffic_policy() {
-    let _lab = Lab::start_with_files(None, &[], &[("external.yaml", EXTERNAL_SERVICES)]);
+    let lab = Lab::start_with_files(None, &[], &[("external.yaml", EXTERNAL_SERVICES)]);
     // eTP Cluster: every endpoint from either node; a local one sees the client, a remote one
     // the node that forwarded (source NAT, so its reply comes back through that node).
     for (node, node_ip) in [("node-a", "172.31.0.2"), ("node-b", "172.31.0.3")] {
@@ -678,6 +739,19 @@ fn external_clients_reach_node_ports_and_load_balancer_ips_under_each_traffic_po
         r.iter().all(|r| r["result"] == "timeout"),
         "eTP Local, no local endpoint: {r:?}"
     );
+    // The health check node port says which node has one (kube-proxy's JSON), and every node
+    // answers kube-proxy's /healthz and /livez on 10256 to the load balancer; metrics stay on
+    // loopback.
+    assert_eq!(health("ext", "172.31.0.3:32100", "/"), (200, 1));
+    assert_eq!(health("ext", "172.31.0.2:32100", "/"), (503, 0));
+    for node in ["172.31.0.2", "172.31.0.3"] {
+        let r = http_get("ext", &format!("{node}:10256"), "/healthz");
+        assert_eq!(r.0, 200, "{node}: {r:?}");
+        assert_eq!(r.1["nodeEligible"], true, "{r:?}");
+        assert_eq!(http_get("ext", &format!("{node}:10256"), "/livez").0, 200);
+        let metrics = probe_http("ext", &format!("{node}:10249"), "/metrics");
+        assert_ne!(metrics[0]["result"], "connected", "{metrics:?}");
+    }
     // ...while pods and nodes reach it everywhere (in-cluster traffic ignores eTP).
     for from in ["t/client-a", "node-a"] {
         let r = probe(from, "172.31.0.2:30082", "tcp", 3);
@@ -720,6 +794,26 @@ fn external_clients_reach_node_ports_and_load_balancer_ips_under_each_traffic_po
     let r = probe("node-b", "10.97.0.24:80", "tcp", 1);
     assert_ne!(r[0]["result"], "connected", "{r:?}");
     assert_eq!(checksum_errors(), 0);
+
+    // The local endpoint moves from node-b to node-a: the health checks follow, and so does the
+    // traffic of the NodePorts.
+    let moved = EXTERNAL_SERVICES.replace(
+        "endpoints: [{addresses: [10.245.2.23], nodeName: node-b}]",
+        "endpoints: [{addresses: [10.245.2.23], nodeName: node-b, conditions: {ready: false}}, \
+         {addresses: [10.245.1.21], nodeName: node-a}]",
+    );
+    assert_ne!(moved, EXTERNAL_SERVICES);
+    lab.apply_files("moved", &[("external.yaml", &moved)]);
+    assert_eq!(health("ext", "172.31.0.2:32100", "/"), (200, 1));
+    assert_eq!(health("ext", "172.31.0.3:32100", "/"), (503, 0));
+    let r = probe("ext", "172.31.0.2:30082", "tcp", 3);
+    assert_eq!(
+        answers(&r),
+        [pair("t/web-1", "172.31.0.100")].into(),
+        "{r:?}"
+    );
+    let r = probe("ext", "172.31.0.3:30082", "tcp", 2);
+    assert!(r.iter().all(|r| r["result"] == "timeout"), "{r:?}");
 }
 
 #[test]
