@@ -51,11 +51,36 @@ fn backend(addr: &str, local: bool) -> BackendAddr {
     }
 }
 
+fn udp_backend(addr: &str, local: bool) -> BackendAddr {
+    BackendAddr {
+        proto: Proto::Udp,
+        ..backend(addr, local)
+    }
+}
+
 /// A frontend on `addr:port` reachable from outside, written as the reconciler writes it.
 fn program(
     dp: &mut Datapath,
     addr: &str,
     port: u16,
+    backends: &[BackendAddr],
+    local: bool,
+    ranges: &[&str],
+) {
+    program_proto(dp, addr, port, Proto::Tcp, backends, local, ranges);
+}
+
+/// The UDP NodePort `NODE:NODE_PORT`, eTP Cluster.
+fn program_udp(dp: &mut Datapath, backends: &[BackendAddr]) {
+    program_proto(dp, NODE, NODE_PORT, Proto::Udp, backends, false, &[]);
+}
+
+#[expect(clippy::too_many_arguments, reason = "a frontend spelled out")]
+fn program_proto(
+    dp: &mut Datapath,
+    addr: &str,
+    port: u16,
+    proto: Proto,
     backends: &[BackendAddr],
     local: bool,
     ranges: &[&str],
@@ -76,7 +101,7 @@ fn program(
         frontend: Frontend {
             addr: ip(addr),
             port,
-            proto: Proto::Tcp,
+            proto,
         },
         backends: backends.to_vec(),
         drop_empty: false,
@@ -455,4 +480,39 @@ fn a_local_backends_reply_leaves_with_the_frontend_as_source() {
     // Unrelated traffic leaving the node is untouched.
     let other = Pkt::tcp(LOCAL, 8080, CLIENT, 44999, ACK).build();
     assert_eq!(to_external(&dp, &other), (TC_ACT_OK, other));
+}
+
+#[test]
+fn icmp_errors_about_external_flows_reach_the_client_quoting_what_it_sent() {
+    use dataplane_core::fixtures::packet::{icmp_error, quoted};
+    let mut dp = load();
+    program_udp(&mut dp, &[udp_backend(REMOTE, false)]);
+    let (v, out) = xdp(&dp, &Pkt::udp(CLIENT, 45000, NODE, NODE_PORT).build());
+    let snat = translated(v, &out);
+    assert_eq!(snat.src, ip(NODE));
+    // The remote backend's port unreachable comes to the node's SNAT port.
+    let err = icmp_error(REMOTE, NODE, (3, 3), &out);
+    let (v, out) = xdp(&dp, &err);
+    let back = translated(v, &out);
+    let (kind, code, quote) = back.icmp.expect("still ICMP");
+    assert_eq!(
+        (kind, code, back.src, back.dst),
+        (3, 3, ip(NODE), ip(CLIENT))
+    );
+    assert_eq!(quoted(&quote), (ip(CLIENT), 45000, ip(NODE), NODE_PORT));
+
+    // A local backend's error leaves through to_external, quoting the NodePort.
+    let mut dp = load();
+    program_udp(&mut dp, &[udp_backend(LOCAL, true)]);
+    let (v, out) = xdp(&dp, &Pkt::udp(CLIENT, 45001, NODE, NODE_PORT).build());
+    assert_eq!(translated(v, &out).dst, ip(LOCAL));
+    let err = icmp_error(LOCAL, CLIENT, (3, 3), &out);
+    let (v, out) = to_external(&dp, &err);
+    assert_eq!(v, TC_ACT_OK);
+    let out = parse_checked(&out);
+    assert_eq!(out.src, ip(NODE));
+    assert_eq!(
+        quoted(&out.icmp.unwrap().2),
+        (ip(CLIENT), 45001, ip(NODE), NODE_PORT)
+    );
 }

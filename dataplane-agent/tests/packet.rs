@@ -639,3 +639,30 @@ fn a_pod_reaching_itself_through_a_service_is_hairpinned() {
     let stray = Pkt::tcp(CLIENT, 8080, hairpin, 47999, ACK).build();
     assert_eq!(run(&dp, prog_names::FROM_POD, &stray), (TC_ACT_OK, stray));
 }
+
+#[test]
+fn icmp_errors_about_a_translated_flow_quote_the_service_address() {
+    let mut dp = load();
+    add_service(&mut dp, VIP, 53, Proto::Udp, &[(BACKEND_B, 5353)]);
+    let sent = Pkt::udp(CLIENT, 46000, VIP, 53).build();
+    let (_, on_wire) = run(&dp, prog_names::FROM_POD, &sent);
+    // The backend's port unreachable, and a router's fragmentation needed, about that datagram.
+    for (from, kind, outer_src) in [(BACKEND_B, (3, 3), VIP), ("10.0.0.1", (3, 4), "10.0.0.1")] {
+        let err = packet::icmp_error(from, CLIENT, kind, &on_wire);
+        let (verdict, out) = run(&dp, prog_names::TO_POD, &err);
+        assert_eq!(verdict, TC_ACT_OK);
+        let out = parse_checked(&out);
+        let (icmp_type, code, quote) = out.icmp.expect("still ICMP");
+        assert_eq!((icmp_type, code), kind);
+        assert_eq!(out.src, ip(outer_src), "{from}: the error's source");
+        assert_eq!(
+            packet::quoted(&quote),
+            (ip(CLIENT), 46000, ip(VIP), 53),
+            "{from}: the quote is what the client sent"
+        );
+    }
+    // An error about a flow nobody translated passes as it is.
+    let direct = Pkt::udp(CLIENT, 46001, BACKEND_B, 5353).build();
+    let err = packet::icmp_error(BACKEND_B, CLIENT, (3, 3), &direct);
+    assert_eq!(run(&dp, prog_names::TO_POD, &err), (TC_ACT_OK, err));
+}

@@ -15,7 +15,7 @@
 //!
 //! Stages, each in its own module and free of any hook's control flow, reach the packet through
 //! `ctx::PacketCtx` (implemented for TC and XDP): `parse` (one packet description), `ct` (conntrack), `lb` (service lookup, backend pick), `nat` (rewrite, redirect),
-//! `reject` (RST / ICMP unreachable), `csum`, `counters`; `maps` declares every map. Packets the datapath
+//! `reject` (RST / ICMP unreachable), `icmp` (ICMP errors about translated flows), `csum`, `counters`; `maps` declares every map. Packets the datapath
 //! does not handle (non-IPv4, other L4 protocols, IP fragments) pass untouched.
 #![no_std]
 #![no_main]
@@ -24,6 +24,7 @@ mod counters;
 mod csum;
 mod ct;
 mod ctx;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;

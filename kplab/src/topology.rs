@@ -53,6 +53,8 @@ fn new_netns(netns: &str) -> anyhow::Result<()> {
             "net.ipv4.conf.default.rp_filter=0",
             "net.ipv4.conf.all.send_redirects=0",
             "net.ipv4.conf.default.send_redirects=0",
+            // Refused vs timeout must not depend on how many errors a test already caused.
+            "net.ipv4.icmp_ratelimit=0",
         ],
     )
 }

@@ -589,7 +589,8 @@ fn node_ports_external_ips_and_load_balancer_ips_answer_pods_and_nodes_except_ip
 /// Services for traffic from outside: `cl` (eTP Cluster, web-1 on node-a and web-2 on node-b,
 /// NodePort 30081, LB IP 10.98.2.1 and externalIP 10.98.0.8), `loc` (eTP Local, web-3 on node-b
 /// only, NodePort 30082, LB IP 10.98.2.2), `rng` (LB IP 10.98.2.3 for 172.31.0.200/32 only),
-/// `itl` (iTP Local, web-1 on node-a only).
+/// `itl` (iTP Local, web-1 on node-a only), `closed` (UDP NodePort 30084 to a port web-1 does not
+/// listen on: its port unreachable must reach the client as one for the address it used).
 const EXTERNAL_SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: cl, namespace: t}\n\
      spec: {type: LoadBalancer, clusterIP: 10.97.0.21, externalIPs: [10.98.0.8], ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30081}]}\n\
      status: {loadBalancer: {ingress: [{ip: 10.98.2.1}]}}\n---\n\
@@ -616,6 +617,12 @@ const EXTERNAL_SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name:
      apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
      metadata: {name: itl-x, namespace: t, labels: {kubernetes.io/service-name: itl}}\n\
      addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\n\
+     endpoints: [{addresses: [10.245.1.21], nodeName: node-a}]\n---\n\
+     apiVersion: v1\nkind: Service\nmetadata: {name: closed, namespace: t}\n\
+     spec: {type: NodePort, clusterIP: 10.97.0.25, ports: [{name: u, port: 99, protocol: UDP, targetPort: 9999, nodePort: 30084}]}\n---\n\
+     apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+     metadata: {name: closed-x, namespace: t, labels: {kubernetes.io/service-name: closed}}\n\
+     addressType: IPv4\nports: [{name: u, port: 9999, protocol: UDP}]\n\
      endpoints: [{addresses: [10.245.1.21], nodeName: node-a}]\n";
 
 /// One HTTP GET from a lab host with curl: status code and JSON body.
@@ -794,6 +801,20 @@ fn external_clients_reach_node_ports_and_load_balancer_ips_under_each_traffic_po
     let r = probe("node-b", "10.97.0.24:80", "tcp", 1);
     assert_ne!(r[0]["result"], "connected", "{r:?}");
     assert_eq!(checksum_errors(), 0);
+
+    // ICMP errors come back translated: a connected UDP socket sees its datagram refused only
+    // if the quoted packet matches what it sent (local backend, source-NATed remote one, pod).
+    for (from, to) in [
+        ("ext", "172.31.0.2:30084"),
+        ("ext", "172.31.0.3:30084"),
+        ("t/client-b", "10.97.0.25:99"),
+    ] {
+        let r = probe(from, to, "udp", 2);
+        assert!(
+            r.iter().all(|r| r["result"] == "refused"),
+            "{from} -> {to}: {r:?}"
+        );
+    }
 
     // The local endpoint moves from node-b to node-a: the health checks follow, and so does the
     // traffic of the NodePorts.

@@ -10,6 +10,9 @@
 //!                                                                                   -> forward
 //!  to_external (TC egress): parse -> conntrack (a local backend's reply) -> reverse NAT (SNAT)
 //! ```
+//! ICMP errors about these flows are translated back too: a local backend's (or a router's) on
+//! the way out (`to_external`), and those sent to the node's source-NAT port on the way in
+//! (`from_external`, then on to the client).
 //!
 //! "forward" sends a rewritten packet straight back out of the interface it came in on when the
 //! FIB says that is the way (XDP_TX, with the next hop's MAC and the TTL decremented), and hands
@@ -33,6 +36,7 @@ use dataplane_common::{
 use crate::counters::count_service;
 use crate::csum::csum_replace2;
 use crate::ctx::PacketCtx;
+use crate::icmp::{IcmpError, Rewrite};
 use crate::maps::{CONNTRACK, NODE};
 use crate::nat::{nat_dst, nat_src};
 use crate::parse::{IPV4_OFF, Packet, header_mut};
@@ -44,7 +48,7 @@ const AF_INET: u8 = 2;
 
 pub fn try_from_external(ctx: &XdpContext) -> Result<u32, DropReason> {
     let Some(pkt) = Packet::parse(ctx)? else {
-        return Ok(XDP_PASS);
+        return snat_icmp_error(ctx);
     };
     let key = pkt.ct_key(CT_DIR_SERVICE);
     if let Some(ct) = ct::lookup(key) {
@@ -160,6 +164,7 @@ pub fn try_from_external(ctx: &XdpContext) -> Result<u32, DropReason> {
 /// A local backend's reply to a client outside the node: the frontend becomes its source again.
 pub fn try_to_external(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(pkt) = Packet::parse(ctx)? else {
+        crate::path::reverse_icmp_error(ctx)?;
         return Ok(TC_ACT_OK);
     };
     let Some(ct) = ct::lookup(pkt.ct_key(CT_DIR_REPLY)) else {
@@ -171,6 +176,41 @@ pub fn try_to_external(ctx: &TcContext) -> Result<i32, DropReason> {
     ct::track(ct, &pkt);
     nat_src(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
     Ok(TC_ACT_OK)
+}
+
+/// An ICMP error to the node about a source-NATed flow (the backend's port unreachable, a
+/// router's fragmentation needed): it goes on to the client, quoting what the client sent.
+#[inline(always)]
+fn snat_icmp_error(ctx: &XdpContext) -> Result<u32, DropReason> {
+    let Some(err) = IcmpError::parse(ctx) else {
+        return Ok(XDP_PASS);
+    };
+    let key = CtKey {
+        saddr: err.inner_daddr,
+        daddr: err.inner_saddr,
+        sport: err.inner_dport,
+        dport: err.inner_sport,
+        proto: err.proto,
+        dir: CT_DIR_REPLY,
+        pad: 0,
+    };
+    let Some(ct) = ct::lookup(key) else {
+        return Ok(XDP_PASS);
+    };
+    if ct.flags & CT_FLAG_SNAT == 0 {
+        return Ok(XDP_PASS);
+    }
+    let (client, client_port) = (ct.snat_addr, ct.snat_port);
+    err.rewrite(
+        ctx,
+        &Rewrite {
+            outer_saddr: (err.outer_saddr == err.inner_daddr).then_some(ct.nat_addr),
+            outer_daddr: Some(client),
+            inner_src: Some((client, client_port)),
+            inner_dst: Some((ct.nat_addr, ct.nat_port)),
+        },
+    )?;
+    Ok(forward(ctx, client))
 }
 
 /// Claims a free source port for a new flow by inserting its reply entry (`reply_key` with the

@@ -2,3 +2,43 @@
 pub mod external;
 pub mod pod;
 pub mod sock;
+
+use dataplane_common::{CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, CtKey, DropReason};
+
+use crate::ct;
+use crate::ctx::PacketCtx;
+use crate::icmp::{IcmpError, Rewrite};
+
+/// An ICMP error towards a client (from its backend, or a router on the way) about a connection
+/// translated here without source NAT: the quote's destination becomes the frontend again, and
+/// so does the error's source when the backend sent it. Anything else passes as it is.
+#[inline(always)]
+pub fn reverse_icmp_error<C: PacketCtx>(ctx: &C) -> Result<(), DropReason> {
+    let Some(err) = IcmpError::parse(ctx) else {
+        return Ok(());
+    };
+    let key = CtKey {
+        saddr: err.inner_daddr,
+        daddr: err.inner_saddr,
+        sport: err.inner_dport,
+        dport: err.inner_sport,
+        proto: err.proto,
+        dir: CT_DIR_REPLY,
+        pad: 0,
+    };
+    let Some(ct) = ct::lookup(key) else {
+        return Ok(());
+    };
+    if ct.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0 {
+        return Ok(());
+    }
+    err.rewrite(
+        ctx,
+        &Rewrite {
+            outer_saddr: (err.outer_saddr == err.inner_daddr).then_some(ct.nat_addr),
+            outer_daddr: None,
+            inner_src: None,
+            inner_dst: Some((ct.nat_addr, ct.nat_port)),
+        },
+    )
+}

@@ -5,6 +5,7 @@
 //!                         -> DNAT (| reject, no backend | drop, no local backend or outside the
 //!                         source ranges) (| hairpin back to the pod)
 //!  to_pod   (TC egress):  parse -> conntrack (reply) -> reverse NAT (SNAT)
+//!                         | an ICMP error about a translated flow -> its quote translated back
 //! ```
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use dataplane_common::{
@@ -97,6 +98,7 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
 
 pub fn try_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(pkt) = Packet::parse(ctx)? else {
+        crate::path::reverse_icmp_error(ctx)?;
         return Ok(TC_ACT_OK);
     };
     let Some(ct) = ct::lookup(pkt.ct_key(CT_DIR_REPLY)) else {
