@@ -75,7 +75,6 @@ fn program_udp(dp: &mut Datapath, backends: &[BackendAddr]) {
     program_proto(dp, NODE, NODE_PORT, Proto::Udp, backends, false, &[]);
 }
 
-#[expect(clippy::too_many_arguments, reason = "a frontend spelled out")]
 fn program_proto(
     dp: &mut Datapath,
     addr: &str,
