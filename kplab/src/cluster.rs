@@ -65,6 +65,12 @@ pub struct ServiceSpec {
     /// `externalTrafficPolicy: Local`.
     #[serde(default)]
     pub external_local: bool,
+    /// (nodePort, "tcp" | "udp") of the ports that have one.
+    #[serde(default)]
+    pub node_ports: Vec<(u16, String)>,
+    /// `healthCheckNodePort`.
+    #[serde(default)]
+    pub health_check_port: Option<u16>,
     /// The nodes (`nodeName`) of the Service's ready endpoints, from its EndpointSlices: where
     /// its health check node port answers 200.
     #[serde(default)]
@@ -289,6 +295,18 @@ fn service_spec(svc: &Service) -> Option<ServiceSpec> {
             .filter_map(|ip| ip.parse().ok())
             .collect(),
         external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        node_ports: spec
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                let proto = p.protocol.as_deref().unwrap_or("TCP").to_lowercase();
+                Some((u16::try_from(p.node_port?).ok()?, proto))
+            })
+            .collect(),
+        health_check_port: spec
+            .health_check_node_port
+            .and_then(|p| u16::try_from(p).ok()),
         endpoint_nodes: Vec::new(),
     })
 }

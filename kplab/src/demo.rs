@@ -2,7 +2,9 @@
 //! real probes from every client pod (a pod no Service selects) to every port of every Service, a
 //! short report (which backends answered, how evenly, from where, whether the client address was
 //! preserved, that Services without endpoints refuse), the same Services from each node's own
-//! network namespace (a hostNetwork client, translated by the node's socket hooks), then teardown.
+//! network namespace (a hostNetwork client, translated by the node's socket hooks), NodePorts and
+//! LoadBalancer IPs from an external host (which backends answered, the source each saw, health
+//! check node ports), then teardown.
 //! Every address, port and name probed comes from DIR.
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -12,9 +14,11 @@ use std::time::Duration;
 
 use anyhow::bail;
 
-use crate::{State, agent_status, probe};
+use crate::{NodeState, ServiceSpec, State, agent_status, probe};
 
 const CONNECTIONS: u32 = 60;
+/// Probes per NodePort, LoadBalancer IP or externalIP from the external host.
+const EXTERNAL_PROBES: u32 = 30;
 /// Probes per Service port from each node's own namespace.
 const NODE_PROBES: u32 = 20;
 const TIMEOUT: Duration = Duration::from_secs(1);
@@ -131,6 +135,217 @@ fn tally_from_node(
         *results.entry(key).or_default() += 1;
     }
     Ok(results)
+}
+
+/// `count` probes from the lab's external host `who` (a thread in its namespace).
+fn from_outside(
+    state: &State,
+    who: &str,
+    proto: &str,
+    to: SocketAddr,
+    count: u32,
+) -> anyhow::Result<Vec<probe::ProbeResult>> {
+    let netns = state.netns_of(who)?.to_owned();
+    let proto = proto.to_owned();
+    std::thread::spawn(move || {
+        crate::netns::enter(&netns)?;
+        (0..count)
+            .map(|_| probe::once(&proto, to, "/", TIMEOUT))
+            .collect()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("probe thread panicked"))?
+}
+
+/// What answered one external address: per backend, how many connections and the source it
+/// saw ("the client" or the node that forwarded).
+fn external_line(
+    state: &State,
+    client: std::net::Ipv4Addr,
+    results: &[probe::ProbeResult],
+) -> (u32, BTreeMap<(String, String), u32>) {
+    let mut connected = 0;
+    let mut seen = BTreeMap::new();
+    for r in results.iter().filter(|r| r.result == "connected") {
+        connected += 1;
+        let ip = r
+            .client_seen
+            .as_deref()
+            .and_then(|c| c.split(':').next())
+            .unwrap_or_default();
+        let source = if ip == client.to_string() {
+            "the client".to_owned()
+        } else {
+            state
+                .nodes
+                .iter()
+                .find(|n| n.spec.ip.to_string() == ip)
+                .map_or_else(|| ip.to_owned(), |n| n.spec.name.clone())
+        };
+        *seen
+            .entry((r.backend.clone().unwrap_or_default(), source))
+            .or_default() += 1;
+    }
+    (connected, seen)
+}
+
+/// NodePorts on every node and LoadBalancer IPs / externalIPs from the external host, with which
+/// backends answered and the source each saw, against what the traffic policy says; health check
+/// node ports from there too.
+fn outside(
+    state: &State,
+    programmed: &BTreeMap<String, Vec<String>>,
+    out: &mut String,
+    problems: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let Some(x) = state.externals.first() else {
+        return Ok(());
+    };
+    writeln!(
+        out,
+        "\n== From outside the cluster: external host {} {} ==",
+        x.name, x.ip
+    )?;
+    for svc in &state.services {
+        if svc.node_ports.is_empty() && svc.external_addresses.is_empty() {
+            continue;
+        }
+        let policy = if svc.external_local {
+            "Local"
+        } else {
+            "Cluster"
+        };
+        writeln!(out, "{} (externalTrafficPolicy: {policy})", svc.key)?;
+        let mut targets: Vec<(String, &NodeState, SocketAddr, String)> = Vec::new();
+        for n in &state.nodes {
+            for (port, proto) in &svc.node_ports {
+                let to = SocketAddr::from((n.spec.ip, *port));
+                targets.push((format!("NodePort on {}", n.spec.name), n, to, proto.clone()));
+            }
+        }
+        if let Some(routed) = crate::external_route(state, svc) {
+            for addr in &svc.external_addresses {
+                for (port, proto) in &svc.ports {
+                    let to = SocketAddr::from((*addr, *port));
+                    let what = format!("{addr} (routed to {})", routed.spec.name);
+                    targets.push((what, routed, to, proto.clone()));
+                }
+            }
+        }
+        for (what, node, to, proto) in targets {
+            check_external(
+                state,
+                svc,
+                programmed,
+                (&what, node, to, &proto),
+                out,
+                problems,
+            )?;
+        }
+        if let Some(port) = svc.health_check_port {
+            let mut answers = Vec::new();
+            for n in &state.nodes {
+                let to = SocketAddr::from((n.spec.ip, port));
+                let code = from_outside(state, &x.name, "tcp", to, 1)?
+                    .first()
+                    .and_then(|r| r.http_status)
+                    .unwrap_or(0);
+                let expected = if svc.endpoint_nodes.contains(&n.spec.name) {
+                    200
+                } else {
+                    503
+                };
+                if code != expected {
+                    problems.push(format!(
+                        "{} health check {to}: HTTP {code}, expected {expected}",
+                        svc.key
+                    ));
+                }
+                answers.push(format!("{} {code}", n.spec.name));
+            }
+            writeln!(
+                out,
+                "  health check node port {port}: {}",
+                answers.join(", ")
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// One external address of `svc`, reached through `node`: probed, reported, judged.
+fn check_external(
+    state: &State,
+    svc: &ServiceSpec,
+    programmed: &BTreeMap<String, Vec<String>>,
+    (what, node, to, proto): (&str, &NodeState, SocketAddr, &str),
+    out: &mut String,
+    problems: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let x = &state.externals[0];
+    let results = from_outside(state, &x.name, proto, to, EXTERNAL_PROBES)?;
+    let (connected, seen) = external_line(state, x.ip, &results);
+    let detail: Vec<String> = seen
+        .iter()
+        .map(|((b, src), n)| format!("{b} ({}) {n}x saw {src}", node_of(state, b)))
+        .collect();
+    writeln!(
+        out,
+        "  {what} {to}/{proto}: {connected}/{EXTERNAL_PROBES} connected{}{}",
+        if detail.is_empty() { "" } else { ": " },
+        detail.join(", ")
+    )?;
+    let cluster_frontend = svc
+        .ports
+        .first()
+        .map(|(p, pr)| format!("{}:{p}/{}", svc.ip, pr.to_uppercase()))
+        .unwrap_or_default();
+    let ready = programmed
+        .get(&cluster_frontend)
+        .cloned()
+        .unwrap_or_default();
+    let local: Vec<&String> = ready
+        .iter()
+        .filter(|b| node_of(state, b) == node.spec.name)
+        .collect();
+    let name = &node.spec.name;
+    let wrong_source = seen.keys().any(|(b, src)| {
+        let is_local = node_of(state, b) == *name;
+        let want = if is_local || svc.external_local {
+            "the client"
+        } else {
+            name.as_str()
+        };
+        src != want
+    });
+    let expect_answer = !svc.external_local || !local.is_empty();
+    let answered: Vec<&String> = seen.keys().map(|(b, _)| b).collect();
+    let allowed: Vec<&String> = if svc.external_local {
+        local.clone()
+    } else {
+        ready.iter().collect()
+    };
+    let ok = if expect_answer {
+        connected == EXTERNAL_PROBES
+            && !wrong_source
+            && answered.iter().all(|b| allowed.contains(b))
+            && allowed.iter().all(|b| answered.contains(b))
+    } else {
+        connected == 0 && results.iter().all(|r| r.result == "timeout")
+    };
+    if !expect_answer {
+        writeln!(
+            out,
+            "    (no local endpoint on {name}: dropped, as eTP Local says)"
+        )?;
+    }
+    if !ok {
+        problems.push(format!(
+            "{} {what} {to}: {connected}/{EXTERNAL_PROBES} connected, answers {seen:?}",
+            svc.key
+        ));
+    }
+    Ok(())
 }
 
 /// One client's line and per-backend histogram for one Service port; returns the fewest answers
@@ -302,6 +517,8 @@ fn report(state: &State) -> anyhow::Result<(String, Vec<String>)> {
         }
     }
 
+    outside(state, &programmed, &mut out, &mut problems)?;
+
     let mut last = None;
     for (key, proto, to) in empty {
         let how = if proto == "tcp" {
@@ -365,13 +582,24 @@ fn report(state: &State) -> anyhow::Result<(String, Vec<String>)> {
     Ok((out, problems))
 }
 
+/// The demo's external host: on the nodes' network, at the first node's address with the last
+/// octet 250 (inside the lab's underlay, which nothing else uses).
+fn external_host(manifests: &Path) -> anyhow::Result<String> {
+    let cluster = crate::cluster::read(manifests)?;
+    let Some(first) = cluster.nodes.first() else {
+        bail!("no nodes");
+    };
+    let [a, b, c, _] = first.ip.octets();
+    Ok(format!("outside={a}.{b}.{c}.250"))
+}
+
 /// Runs the demo; the lab is always torn down.
 ///
 /// # Errors
 /// The lab could not be built, or traffic did not flow as it should.
 pub fn run(manifests: &Path) -> anyhow::Result<()> {
     eprintln!("demo: building the lab from {}", manifests.display());
-    let state = crate::up(manifests, None, &[])?;
+    let state = crate::up(manifests, None, &[external_host(manifests)?])?;
     let result = report(&state).and_then(|(text, problems)| {
         print!("{text}");
         println!("\n== Reachability matrix (pods x pod ports and service ports) ==");
@@ -389,6 +617,9 @@ pub fn run(manifests: &Path) -> anyhow::Result<()> {
         );
         println!(
             "verdict: every Service port answered from every node's own namespace, by ready backends only"
+        );
+        println!(
+            "verdict: from outside, NodePorts and LoadBalancer IPs answered as their traffic policy says (Cluster: every ready backend, remote ones via source NAT; Local: this node's, client address kept, dropped where none)"
         );
         Ok(())
     } else {

@@ -414,22 +414,25 @@ pub fn up(
     Ok(state)
 }
 
-/// Each LoadBalancer IP and externalIP goes, from every external host, to one node, as a load
-/// balancer sends it: with `externalTrafficPolicy: Local` the first node (by name) with a ready
-/// endpoint (the one whose health check node port answers 200), otherwise the first node. One
-/// node per address keeps the lab deterministic; NodePorts are reached on every node's address.
+/// The node a LoadBalancer IP or externalIP of `svc` is routed to from the external hosts, as a
+/// load balancer sends it: with `externalTrafficPolicy: Local` the first node (by name) with a
+/// ready endpoint (the one whose health check node port answers 200), otherwise the first node.
+/// One node per address keeps the lab deterministic; NodePorts are reached on every node.
+pub(crate) fn external_route<'a>(state: &'a State, svc: &ServiceSpec) -> Option<&'a NodeState> {
+    let serving = if svc.external_local {
+        state
+            .nodes
+            .iter()
+            .find(|n| svc.endpoint_nodes.contains(&n.spec.name))
+    } else {
+        None
+    };
+    serving.or(state.nodes.first())
+}
+
 fn route_external_addresses(state: &State) -> anyhow::Result<()> {
     for svc in &state.services {
-        let node = if svc.external_local {
-            state
-                .nodes
-                .iter()
-                .find(|n| svc.endpoint_nodes.contains(&n.spec.name))
-        } else {
-            None
-        }
-        .or(state.nodes.first());
-        let Some(node) = node else {
+        let Some(node) = external_route(state, svc) else {
             continue;
         };
         for addr in &svc.external_addresses {

@@ -22,7 +22,8 @@ fn the_demo_reaches_every_ready_backend_from_both_nodes_and_the_empty_service_re
         "the demo failed:\n{report}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // The demo's manifests: web (3 ready backends of 4), dns (UDP and TCP, 2 backends), empty.
+    // The demo's manifests: web (3 ready backends of 4), dns (UDP and TCP, 2 backends), empty,
+    // shop (LoadBalancer, eTP Cluster, web's backends) and shop-local (eTP Local, node-a's).
     for header in [
         "== Service demo/web 10.96.200.10:80/TCP: ready backends demo/web-1 (node-a), demo/web-2 (node-a), demo/web-3 (node-b) ==",
         "== Service demo/dns 10.96.200.53:53/UDP: ready backends demo/dns-1 (node-a), demo/dns-2 (node-b) ==",
@@ -31,6 +32,12 @@ fn the_demo_reaches_every_ready_backend_from_both_nodes_and_the_empty_service_re
         "tcp 10.96.200.99:80 from demo/client-a: refused (expected: refused by TCP RST)",
         "udp 10.96.200.99:99 from demo/client-a: refused (expected: refused by ICMP port unreachable)",
         "verdict: every ready backend answered every client pod, client addresses preserved, every Service without endpoints refused",
+        "== From outside the cluster: external host outside 172.18.0.250 ==",
+        "demo/shop (externalTrafficPolicy: Cluster)",
+        "demo/shop-local (externalTrafficPolicy: Local)",
+        "  NodePort on node-b 172.18.0.3:30081/tcp: 0/30 connected\n    (no local endpoint on node-b: dropped, as eTP Local says)",
+        "  health check node port 32081: node-a 200, node-b 503",
+        "verdict: from outside, NodePorts and LoadBalancer IPs answered as their traffic policy says",
     ] {
         assert!(report.contains(header), "missing {header:?} in:\n{report}");
     }
@@ -38,7 +45,7 @@ fn the_demo_reaches_every_ready_backend_from_both_nodes_and_the_empty_service_re
         .lines()
         .filter(|l| l.starts_with("from demo/"))
         .collect();
-    assert_eq!(from.len(), 6, "3 Service ports x 2 clients: {from:?}");
+    assert_eq!(from.len(), 10, "5 Service ports x 2 clients: {from:?}");
     for line in &from {
         assert!(
             line.contains(
@@ -65,11 +72,37 @@ fn the_demo_reaches_every_ready_backend_from_both_nodes_and_the_empty_service_re
         .lines()
         .filter(|l| l.starts_with("from node "))
         .collect();
-    assert_eq!(nodes.len(), 6, "3 Service ports x 2 nodes: {nodes:?}");
+    assert_eq!(nodes.len(), 10, "5 Service ports x 2 nodes: {nodes:?}");
     for line in &nodes {
         assert!(
             line.contains(": 20/20 answered by ready backends"),
             "{line}"
         );
+    }
+    // From outside, eTP Cluster: each backend seen from the client when local to the node the
+    // traffic came to, from that node (source NAT) when remote.
+    for (node, line) in [
+        (
+            "node-a",
+            "  NodePort on node-a 172.18.0.2:30080/tcp: 30/30 connected: ",
+        ),
+        (
+            "node-b",
+            "  NodePort on node-b 172.18.0.3:30080/tcp: 30/30 connected: ",
+        ),
+    ] {
+        let found = report
+            .lines()
+            .find(|l| l.starts_with(line))
+            .unwrap_or_else(|| panic!("no line {line:?} in:\n{report}"));
+        for part in found[line.len()..].split(", ") {
+            let local = part.contains(&format!("({node})"));
+            let want = if local {
+                "saw the client".to_owned()
+            } else {
+                format!("saw {node}")
+            };
+            assert!(part.ends_with(&want), "{node}: {part}");
+        }
     }
 }
