@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context as _;
+use dataplane_common::prog_names;
 use plotters::prelude::*;
 use serde_json::{Value, json};
 
@@ -59,7 +60,7 @@ fn datapath(md: &mut String, d: &Value, out: &Path) -> anyhow::Result<()> {
         md,
         "## Datapath cost per packet (BPF_PROG_TEST_RUN)\n\nKernel-reported ns per packet, median of single-packet runs \
          (the kernel repeats a test on the same buffer, so each run is one fresh packet), with the ratio to an empty \
-         TC program measured the same way. Filler Services have {} endpoints each.\n",
+         program of the same hook (TC, or XDP for `from_external`) measured the same way. Filler Services have {} endpoints each.\n",
         scales[0]["endpoints_per_service"]
     );
     let paths: Vec<String> = scales[0]["paths"]
@@ -92,9 +93,14 @@ fn datapath(md: &mut String, d: &Value, out: &Path) -> anyhow::Result<()> {
         let mut pts = Vec::new();
         for s in scales {
             let c = cost(s, path);
-            let empty = cost(s, "empty program");
+            let floor = if program == prog_names::FROM_EXTERNAL {
+                "empty XDP program"
+            } else {
+                "empty program"
+            };
+            let empty = cost(s, floor);
             match (c, empty) {
-                (Some(c), Some(e)) if path != "empty program" => {
+                (Some(c), Some(e)) if program != "empty" => {
                     let _ = write!(md, " {c:.0} ns ({:.1}x) |", c / e);
                 }
                 _ => {

@@ -1,6 +1,6 @@
 //! The datapath's cost per packet, reported by the kernel (BPF_PROG_TEST_RUN's `duration`), for
-//! each program and path, against an empty program of the same hook (`r0 = TC_ACT_OK; exit`,
-//! loaded from two raw instructions) as the floor.
+//! each program and path, against an empty program of the same hook (`r0 = TC_ACT_OK; exit` for
+//! TC, `r0 = XDP_PASS; exit` for XDP, loaded from two raw instructions) as the floor.
 //!
 //! Every run is one packet (`repeat = 1`): the kernel runs a repeated test on the same buffer, so
 //! after the first pass the packet is already translated and later passes would measure another
@@ -18,7 +18,7 @@ use dataplane_core::reconcile::{Reconciler, SyncProblem};
 
 use crate::cluster;
 
-/// The empty TC program, loaded from raw instructions.
+/// An empty program (TC or XDP), loaded from raw instructions.
 pub struct Empty {
     fd: OwnedFd,
 }
@@ -62,6 +62,8 @@ struct TestRunAttr {
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+const XDP_PASS: u64 = 2;
 
 impl Empty {
     /// Loads `r0 = 0 (TC_ACT_OK); exit`.
@@ -69,11 +71,23 @@ impl Empty {
     /// # Errors
     /// The kernel refused the program (no CAP_BPF).
     pub fn load() -> anyhow::Result<Empty> {
-        // mov64 r0, 0 ; exit
-        let insns: [u64; 2] = [0xb7, 0x95];
+        Self::load_as(BPF_PROG_TYPE_SCHED_CLS, 0)
+    }
+
+    /// Loads the XDP `r0 = XDP_PASS; exit`.
+    ///
+    /// # Errors
+    /// As [`Empty::load`].
+    pub fn load_xdp() -> anyhow::Result<Empty> {
+        Self::load_as(BPF_PROG_TYPE_XDP, XDP_PASS)
+    }
+
+    fn load_as(prog_type: u32, r0: u64) -> anyhow::Result<Empty> {
+        // mov64 r0, imm ; exit
+        let insns: [u64; 2] = [0xb7 | (r0 << 32), 0x95];
         let license = c"GPL";
         let attr = ProgLoad {
-            prog_type: BPF_PROG_TYPE_SCHED_CLS,
+            prog_type,
             insn_cnt: 2,
             insns: insns.as_ptr() as u64,
             license: license.as_ptr() as u64,
@@ -148,6 +162,113 @@ fn run(dp: &Datapath, prog: &str, frame: &[u8]) -> anyhow::Result<(u64, u32)> {
 /// `runs` single-packet runs of the same frame.
 fn repeated(runs: usize, mut one: impl FnMut() -> anyhow::Result<u64>) -> anyhow::Result<Vec<u64>> {
     (0..runs).map(|_| one()).collect()
+}
+
+/// One XDP run; the kernel's duration in ns, the verdict and the output frame.
+fn run_xdp(dp: &Datapath, frame: &[u8]) -> anyhow::Result<(u64, u32, Vec<u8>)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = dp.xdp_program()?.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ..Default::default()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    Ok((
+        u64::try_from(r.duration.as_nanos()).unwrap_or(u64::MAX),
+        r.return_value,
+        out,
+    ))
+}
+
+/// The NodePort paths of `from_external` (XDP), with the scale's Services in the maps: a
+/// NodePort with a local backend (DNAT, to the kernel) and one with a remote backend (DNAT and
+/// source NAT), new and established, and external traffic to no frontend.
+fn external_paths(dp: &mut Datapath, runs: usize, paths: &mut Vec<PathCost>) -> anyhow::Result<()> {
+    use std::collections::BTreeMap;
+
+    use dataplane_core::maps::{MapState, backend_value, diff, service_entries};
+    use dataplane_core::reconcile::MapWriter as _;
+    use dataplane_core::translate::{BackendAddr, ExternalSpec, Frontend, FrontendSpec, Proto};
+
+    const XDP_DROP: u32 = 1;
+    let node = Ipv4Addr::new(172, 31, 0, 2);
+    dp.set_snat(node, (61000, 65535))?;
+    let mut state = MapState::default();
+    let mut ids = BTreeMap::new();
+    for (port, addr, local) in [
+        (30080, Ipv4Addr::new(10, 244, 1, 20), true),
+        (30081, Ipv4Addr::new(10, 244, 2, 30), false),
+    ] {
+        let b = BackendAddr {
+            addr,
+            port: 8080,
+            proto: Proto::Tcp,
+            local,
+        };
+        let id = 200_000 + u32::from(port);
+        ids.insert(b, id);
+        state.backends.insert(id, backend_value(b));
+        let spec = FrontendSpec {
+            frontend: Frontend {
+                addr: node,
+                port,
+                proto: Proto::Tcp,
+            },
+            backends: vec![b],
+            drop_empty: false,
+            external: Some(ExternalSpec {
+                backends: vec![b],
+                local: false,
+            }),
+            source_ranges: Vec::new(),
+        };
+        service_entries(&spec, 60_000 + port - 30_000, &ids, &mut state);
+    }
+    for op in diff(&MapState::default(), &state) {
+        dp.write(&op)?;
+    }
+    // Every new source-NATed flow takes one of the backend's 4536 ports: at most half of them.
+    let new_runs = runs.min(2000);
+    for (path, port) in [
+        ("NodePort new flow, local backend", 30080),
+        ("NodePort new flow, SNAT", 30081),
+    ] {
+        let mut ns = Vec::with_capacity(new_runs);
+        for i in 0..new_runs {
+            let client = Ipv4Addr::from(0xc000_0200 + (i / 50_000) as u32);
+            let f = Pkt::tcp(client, 10_000 + (i % 50_000) as u16, node, port, SYN).build();
+            let (d, verdict, _) = run_xdp(dp, &f)?;
+            if verdict == XDP_DROP {
+                let drops: Vec<_> = dp.drops()?.into_iter().filter(|(_, n)| *n > 0).collect();
+                bail!("{path}: run {i} dropped ({drops:?})");
+            }
+            ns.push(d);
+        }
+        paths.push(summarise(path, prog_names::FROM_EXTERNAL, ns));
+    }
+    let client = Ipv4Addr::new(192, 0, 2, 99);
+    let est = Pkt::tcp(client, 9_000, node, 30081, ACK).build();
+    let (_, _, out) = run_xdp(dp, &est)?;
+    if out[26..30] == client.octets() {
+        bail!("established NodePort flow was not source-NATed");
+    }
+    let ns = repeated(runs, || run_xdp(dp, &est).map(|r| r.0))?;
+    paths.push(summarise(
+        "NodePort established, SNAT",
+        prog_names::FROM_EXTERNAL,
+        ns,
+    ));
+    let other = Pkt::tcp(client, 9_001, node, 22, ACK).build();
+    let ns = repeated(runs, || run_xdp(dp, &other).map(|r| r.0))?;
+    paths.push(summarise(
+        "external, not a frontend",
+        prog_names::FROM_EXTERNAL,
+        ns,
+    ));
+    let empty = Empty::load_xdp()?;
+    let ns = repeated(runs, || empty.run(&est))?;
+    paths.push(summarise("empty XDP program", "empty", ns));
+    Ok(())
 }
 
 /// Kernel-reported ns per packet for each path at one scale: the median, and the mean after
@@ -252,6 +373,7 @@ pub fn measure(n: usize, endpoints: usize, runs: usize) -> anyhow::Result<Scale>
 
     let ns = repeated(runs, || empty.run(&est))?;
     paths.push(summarise("empty program", "empty", ns));
+    external_paths(&mut dp, runs, &mut paths)?;
     Ok(Scale {
         services: n,
         endpoints_per_service: endpoints,

@@ -214,14 +214,18 @@ fn snat_icmp_error(ctx: &XdpContext) -> Result<u32, DropReason> {
 }
 
 /// Claims a free source port for a new flow by inserting its reply entry (`reply_key` with the
-/// port as destination) only where none exists, from a random start through the range.
+/// port as destination) only where none exists, trying `SNAT_TRIES` ports scattered over the
+/// range.
 #[inline(always)]
 fn snat_port(mut reply_key: CtKey, reply: &CtValue, min: u16, max: u16) -> Result<u16, DropReason> {
     let size = u32::from(max - min) + 1;
     // SAFETY: helper call without arguments.
-    let start = unsafe { bpf_get_prandom_u32() };
+    let r = unsafe { bpf_get_prandom_u32() };
+    // A random start and a random odd stride: the tries scatter over the range instead of
+    // probing one run of neighbours, which a filling range turns into long taken clusters.
+    let (start, stride) = (r & 0xffff, (r >> 16) | 1);
     for i in 0..SNAT_TRIES {
-        let port = min + ((start.wrapping_add(i)) % size) as u16;
+        let port = min + (start.wrapping_add(i.wrapping_mul(stride)) % size) as u16;
         reply_key.dport = port.to_be();
         if CONNTRACK
             .insert(reply_key, *reply, u64::from(BPF_NOEXIST))
