@@ -340,16 +340,7 @@ impl Agent {
         let mut status = self.pipeline.status(
             &self.node,
             KernelReadings {
-                interfaces: self
-                    .datapath
-                    .attached()
-                    .map(str::to_owned)
-                    .chain(
-                        self.datapath
-                            .external()
-                            .map(|(i, m)| format!("{i} (external, XDP {m:?})")),
-                    )
-                    .collect(),
+                interfaces: self.datapath.attached().map(str::to_owned).collect(),
                 cgroups: self
                     .datapath
                     .cgroup()
@@ -362,6 +353,11 @@ impl Agent {
             },
         );
         status.last_programmed.clone_from(&self.last_programmed);
+        status.external_interfaces = self
+            .datapath
+            .external()
+            .map(|(i, m)| format!("{i} (XDP {m:?})"))
+            .collect();
         status
     }
 }

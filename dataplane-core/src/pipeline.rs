@@ -177,6 +177,7 @@ impl Pipeline {
             node: node.to_owned(),
             generation: self.generation,
             last_programmed: None,
+            external_interfaces: Vec::new(),
             fingerprint: self.fingerprint.map(|f| format!("{f:016x}")),
             objects: by_label(self.index.counts()),
             frontends,

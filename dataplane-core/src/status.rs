@@ -82,7 +82,11 @@ pub struct Status {
     pub frontends: usize,
     pub backends: usize,
     pub maps: BTreeMap<Label, MapUsage>,
+    /// Pod interfaces the programs are attached to.
     pub interfaces: Vec<String>,
+    /// External interfaces, with their XDP mode (`eth0 (XDP Generic)`).
+    #[serde(default)]
+    pub external_interfaces: Vec<String>,
     /// The cgroups the socket hooks are attached to.
     #[serde(default)]
     pub cgroups: Vec<String>,
