@@ -15,6 +15,7 @@ use dataplane_core::maps::{MapState, backend_value, diff, service_entries};
 use dataplane_core::net::Cidr;
 use dataplane_core::reconcile::MapWriter as _;
 use dataplane_core::translate::{BackendAddr, ExternalSpec, Frontend, FrontendSpec, Proto};
+use kplab::netns::{self, Netns};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -32,11 +33,23 @@ fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
 
+/// Moves this test's thread into a fresh network namespace (only `lo`, forwarding off), so the
+/// programs' FIB lookups see no route of the machine's: every next hop is unresolved.
+fn isolate() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ns = Netns::create(format!("kpltest-xdp-{}-{n}", std::process::id())).unwrap();
+    netns::enter(ns.name()).unwrap();
+    ns.name().to_owned()
+    // The guard removes the name; the namespace lives on while this thread is in it.
+}
+
 fn load() -> Datapath {
     assert!(
         unsafe { libc::geteuid() } == 0,
         "packet tests load eBPF programs and must run as root"
     );
+    isolate();
     let mut dp = Datapath::load().expect("load eBPF object");
     dp.set_snat(ip(NODE), SNAT_PORTS).unwrap();
     dp
@@ -514,4 +527,40 @@ fn icmp_errors_about_external_flows_reach_the_client_quoting_what_it_sent() {
         quoted(&out.icmp.unwrap().2),
         (ip(CLIENT), 45001, ip(NODE), NODE_PORT)
     );
+}
+
+#[test]
+fn an_endpoint_without_node_name_routed_to_a_local_interface_is_not_source_nated() {
+    let mut dp = load();
+    // This thread's namespace: forwarding on, and the local pod network on an interface of its
+    // own (as a node routes its pods to their veths).
+    let sh = |cmd: &str| {
+        let st = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .status()
+            .unwrap();
+        assert!(st.success(), "{cmd}");
+    };
+    sh(
+        "ip link set lo up && ip link add pods0 type veth peer name pods1 && ip link set pods1 up && ip link set pods0 up \
+        && ip route add 10.244.1.0/24 dev pods0 && sysctl -qw net.ipv4.ip_forward=1 \
+        && ip neigh replace 10.244.1.20 lladdr 02:00:00:00:00:20 dev pods0",
+    );
+    // Neither backend is marked local (no nodeName in the slice).
+    program(
+        &mut dp,
+        NODE,
+        NODE_PORT,
+        &[backend(LOCAL, false)],
+        false,
+        &[],
+    );
+    let (v, out) = xdp(&dp, &Pkt::tcp(CLIENT, 46000, NODE, NODE_PORT, SYN).build());
+    let after = translated(v, &out);
+    assert_eq!(
+        (after.src, after.dst),
+        (ip(CLIENT), ip(LOCAL)),
+        "routed locally: client kept"
+    );
+    assert_eq!(v, XDP_PASS);
 }

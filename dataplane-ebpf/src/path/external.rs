@@ -90,7 +90,12 @@ pub fn try_from_external(ctx: &XdpContext) -> Result<u32, DropReason> {
         });
     }
     let (backend_id, backend) = lb::pick(&frontend, &header)?;
-    let snat = header.flags & SVC_FLAG_EXTERNAL_LOCAL == 0 && backend.flags & BACKEND_LOCAL == 0;
+    // A backend needs source NAT when its replies would not come back through this node: not
+    // under eTP Local, not a local endpoint, and routed back out of the interface the packet
+    // came in on (an endpoint without nodeName that is a local pod is routed elsewhere).
+    let snat = header.flags & SVC_FLAG_EXTERNAL_LOCAL == 0
+        && backend.flags & BACKEND_LOCAL == 0
+        && fib(ctx, backend.addr).is_none_or(|f| f.ifindex == ctx.ingress_ifindex() as u32);
     let reply = CtValue {
         nat_addr: pkt.daddr,
         nat_port: pkt.dport,
@@ -256,10 +261,9 @@ fn still_ours(pkt: &Packet, ct: &CtValue) -> Result<(), DropReason> {
     }
 }
 
-/// Sends a rewritten packet towards `daddr`: back out of this interface from XDP when the FIB
-/// routes it there and knows the next hop's MAC, to the kernel otherwise.
+/// The FIB's next hop towards `daddr` (egress interface, MACs), when it has a resolved one.
 #[inline(always)]
-fn forward(ctx: &XdpContext, daddr: u32) -> u32 {
+fn fib(ctx: &XdpContext, daddr: u32) -> Option<FibParams> {
     // SAFETY: an all-zero `bpf_fib_lookup` is a valid (empty) request.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
@@ -274,7 +278,17 @@ fn forward(ctx: &XdpContext, daddr: u32) -> u32 {
             0,
         )
     };
-    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != ctx.ingress_ifindex() as u32 {
+    (rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS)).then_some(fib)
+}
+
+/// Sends a rewritten packet towards `daddr`: back out of this interface from XDP when the FIB
+/// routes it there and knows the next hop's MAC, to the kernel otherwise.
+#[inline(always)]
+fn forward(ctx: &XdpContext, daddr: u32) -> u32 {
+    let Some(fib) = fib(ctx, daddr) else {
+        return XDP_PASS;
+    };
+    if fib.ifindex != ctx.ingress_ifindex() as u32 {
         return XDP_PASS;
     }
     let Some(ip) = header_mut::<20, XdpContext>(ctx, IPV4_OFF) else {
