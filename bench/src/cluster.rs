@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use dataplane_core::fixtures;
 use dataplane_core::index::Index;
 use dataplane_core::object::{NsName, Object};
-use dataplane_core::translate::{FrontendSpec, translate_service};
+use dataplane_core::translate::{FrontendSpec, NodeView, translate_service_on};
 use serde_json::json;
 
 /// The namespace of every synthetic object.
@@ -26,12 +26,23 @@ pub struct Real {
     pub port: u16,
     pub target_port: u16,
     pub backends: Vec<Ipv4Addr>,
+    /// Type NodePort with this nodePort (externalTrafficPolicy Cluster).
+    pub node_port: Option<u16>,
 }
 
 fn service(name: &str, vip: Ipv4Addr, port: u16, target: u16) -> serde_json::Value {
     let vip = vip.to_string();
     let ports = [("p", i32::from(port), "TCP", json!(target))];
     to_json(&fixtures::service(NAMESPACE, name, &vip, &ports))
+}
+
+fn real_service(r: &Real) -> serde_json::Value {
+    let mut svc = service(&r.name, r.vip, r.port, r.target_port);
+    if let Some(np) = r.node_port {
+        svc["spec"]["type"] = json!("NodePort");
+        svc["spec"]["ports"][0]["nodePort"] = json!(np);
+    }
+    svc
 }
 
 /// The EndpointSlice of `svc`: every address ready, on port `target`.
@@ -78,7 +89,7 @@ pub fn objects(n: usize, endpoints: usize, real: &[Real]) -> Vec<serde_json::Val
     for i in 0..fillers {
         if i == fillers / 2 {
             for r in real {
-                out.push(service(&r.name, r.vip, r.port, r.target_port));
+                out.push(real_service(r));
                 out.push(slice(&r.name, r.target_port, &r.backends));
             }
         }
@@ -89,7 +100,7 @@ pub fn objects(n: usize, endpoints: usize, real: &[Real]) -> Vec<serde_json::Val
     }
     if fillers == 0 {
         for r in real {
-            out.push(service(&r.name, r.vip, r.port, r.target_port));
+            out.push(real_service(r));
             out.push(slice(&r.name, r.target_port, &r.backends));
         }
     }
@@ -119,6 +130,16 @@ pub fn translated(
     objects: &[serde_json::Value],
     index: &Index,
 ) -> Vec<(NsName, Vec<FrontendSpec>)> {
+    translated_on(objects, index, &NodeView::default())
+}
+
+/// As [`translated`], for `node`: NodePorts on its addresses included.
+#[must_use]
+pub fn translated_on(
+    objects: &[serde_json::Value],
+    index: &Index,
+    node: &NodeView,
+) -> Vec<(NsName, Vec<FrontendSpec>)> {
     objects
         .iter()
         .filter(|o| o["kind"] == "Service")
@@ -128,7 +149,7 @@ pub fn translated(
                 name: o["metadata"]["name"].as_str()?.to_owned(),
             };
             let svc = index.services.get(&name)?;
-            let t = translate_service(svc, &index.slices_of(&name)).ok()?;
+            let t = translate_service_on(svc, &index.slices_of(&name), node).ok()?;
             Some((name, t.frontends))
         })
         .collect()
@@ -159,6 +180,7 @@ mod tests {
             port: 80,
             target_port: 8080,
             backends: vec![Ipv4Addr::new(10, 245, 1, 21), Ipv4Addr::new(10, 245, 1, 22)],
+            node_port: None,
         };
         let objs = objects(11, 10, std::slice::from_ref(&real));
         assert_eq!(objs.len(), 22);

@@ -7,6 +7,7 @@
 //! marks hairpin traffic for masquerade and DNATs, masquerade of marked traffic on the way out,
 //! and the filter-table rejects of Services without endpoints.
 use std::fmt::Write as _;
+use std::net::Ipv4Addr;
 
 use dataplane_core::object::NsName;
 use dataplane_core::translate::{BackendAddr, FrontendSpec, Proto};
@@ -99,9 +100,22 @@ fn iptables_service(out: &mut String, svc: &NsName, fe: &FrontendSpec, chains: &
     }
 }
 
+/// A NodePort frontend: reachable from outside, on one of the node's addresses.
+fn is_node_port(fe: &FrontendSpec, node_ips: &[Ipv4Addr]) -> bool {
+    fe.external.is_some() && node_ips.contains(&fe.frontend.addr)
+}
+
 /// The `iptables-restore --noflush` input kube-proxy's iptables mode writes for these Services.
 #[must_use]
 pub fn iptables(services: &[(NsName, Vec<FrontendSpec>)]) -> String {
+    iptables_on(services, &[])
+}
+
+/// As [`iptables`], on a node with these addresses: NodePort frontends go to KUBE-NODEPORTS by
+/// port (reached through the last KUBE-SERVICES rule, `--dst-type LOCAL`), via a KUBE-EXT chain
+/// that marks them for masquerade (externalTrafficPolicy Cluster), as kube-proxy writes them.
+#[must_use]
+pub fn iptables_on(services: &[(NsName, Vec<FrontendSpec>)], node_ips: &[Ipv4Addr]) -> String {
     let mut filter = String::from(
         "*filter\n:KUBE-SERVICES - [0:0]\n:KUBE-EXTERNAL-SERVICES - [0:0]\n:KUBE-FORWARD - [0:0]\n:KUBE-PROXY-FIREWALL - [0:0]\n",
     );
@@ -141,13 +155,29 @@ pub fn iptables(services: &[(NsName, Vec<FrontendSpec>)]) -> String {
                 );
                 continue;
             }
-            let _ = writeln!(
-                nat_rules,
-                "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m {p} -p {p} -d {}/32 --dport {} -j {}",
-                f.addr,
-                f.port,
-                svc_chain(svc, fe)
-            );
+            if is_node_port(fe, node_ips) {
+                let ext = svc_chain(svc, fe).replace("KUBE-SVC-", "KUBE-EXT-");
+                let _ = writeln!(chains, ":{ext} - [0:0]");
+                let _ = writeln!(
+                    nat_rules,
+                    "-A KUBE-NODEPORTS -m comment --comment \"{name}\" -m {p} -p {p} --dport {} -j {ext}",
+                    f.port
+                );
+                let _ = writeln!(
+                    per_service,
+                    "-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ\n\
+                     -A {ext} -j {}",
+                    svc_chain(svc, fe)
+                );
+            } else {
+                let _ = writeln!(
+                    nat_rules,
+                    "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m {p} -p {p} -d {}/32 --dport {} -j {}",
+                    f.addr,
+                    f.port,
+                    svc_chain(svc, fe)
+                );
+            }
             iptables_service(&mut per_service, svc, fe, &mut chains);
         }
     }
@@ -238,6 +268,14 @@ fn nft_service(out: &mut String, svc: &NsName, fe: &FrontendSpec, replace: bool)
 /// The `nft -f` input kube-proxy's nftables mode writes for these Services.
 #[must_use]
 pub fn nftables(services: &[(NsName, Vec<FrontendSpec>)]) -> String {
+    nftables_on(services, &[])
+}
+
+/// As [`nftables`], on a node with these addresses: NodePort frontends are `service-nodeports`
+/// elements (protocol . port, matched for local destinations) going to an `external-` chain that
+/// marks them for masquerade, then to the service chain, as kube-proxy writes them.
+#[must_use]
+pub fn nftables_on(services: &[(NsName, Vec<FrontendSpec>)], node_ips: &[Ipv4Addr]) -> String {
     let mut out = String::from(
         "add table ip kube-proxy { comment \"rules for kube-proxy\" ; }\n\
          add chain ip kube-proxy mark-for-masquerade\n\
@@ -268,6 +306,7 @@ pub fn nftables(services: &[(NsName, Vec<FrontendSpec>)]) -> String {
          add rule ip kube-proxy filter-output ct state new jump service-endpoints-check\n",
     );
     let mut elements = Vec::new();
+    let mut node_ports = Vec::new();
     let mut rejects = Vec::new();
     for (svc, fes) in services {
         for fe in fes {
@@ -278,8 +317,27 @@ pub fn nftables(services: &[(NsName, Vec<FrontendSpec>)]) -> String {
                 continue;
             }
             nft_service(&mut out, svc, fe, false);
-            elements.push(format!("{key} : goto {}", nft_service_chain(svc, fe)));
+            if is_node_port(fe, node_ips) {
+                let ext = nft_service_chain(svc, fe).replacen("service-", "external-", 1);
+                let _ = writeln!(out, "add chain ip kube-proxy {ext}");
+                let _ = writeln!(out, "add rule ip kube-proxy {ext} jump mark-for-masquerade");
+                let _ = writeln!(
+                    out,
+                    "add rule ip kube-proxy {ext} goto {}",
+                    nft_service_chain(svc, fe)
+                );
+                node_ports.push(format!("{} . {} : goto {ext}", proto(f.proto), f.port));
+            } else {
+                elements.push(format!("{key} : goto {}", nft_service_chain(svc, fe)));
+            }
         }
+    }
+    for chunk in node_ports.chunks(1000) {
+        let _ = writeln!(
+            out,
+            "add element ip kube-proxy service-nodeports {{ {} }}",
+            chunk.join(" , ")
+        );
     }
     // Elements in chunks, as kube-proxy's transactions do, to keep each line reasonable.
     for chunk in elements.chunks(1000) {
@@ -350,5 +408,56 @@ mod tests {
             .find(|l| l.starts_with("add element ip kube-proxy service-ips"))
             .unwrap();
         assert_eq!(elements.matches("goto service-").count(), 3);
+    }
+
+    #[test]
+    fn node_ports_go_through_the_nodeport_dispatch_with_masquerade() {
+        use dataplane_core::translate::NodeView;
+        let real = cluster::Real {
+            name: "np".into(),
+            vip: Ipv4Addr::new(10, 96, 1, 1),
+            port: 80,
+            target_port: 8080,
+            backends: vec![Ipv4Addr::new(10, 245, 1, 21)],
+            node_port: Some(30500),
+        };
+        let objs = cluster::objects(3, 2, std::slice::from_ref(&real));
+        let index = cluster::index(&objs);
+        let node_ip = Ipv4Addr::new(172, 31, 0, 2);
+        let node = NodeView {
+            name: None,
+            nodeport_addresses: vec![node_ip],
+        };
+        let t = cluster::translated_on(&objs, &index, &node);
+        let ipt = iptables_on(&t, &[node_ip]);
+        let dispatch: Vec<&str> = ipt
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-NODEPORTS"))
+            .collect();
+        assert_eq!(dispatch.len(), 1, "{ipt}");
+        assert!(
+            dispatch[0].contains("--dport 30500 -j KUBE-EXT-"),
+            "{}",
+            dispatch[0]
+        );
+        let ext = dispatch[0].rsplit(' ').next().unwrap();
+        assert!(ipt.contains(&format!(
+            "-A {ext} -m comment --comment \"masquerade traffic"
+        )));
+        assert!(
+            !ipt.contains("-d 172.31.0.2/32 --dport 30500 -j KUBE-SVC"),
+            "not a KUBE-SERVICES match"
+        );
+        let nft = nftables_on(&t, &[node_ip]);
+        assert!(
+            nft.contains(
+                "add element ip kube-proxy service-nodeports { tcp . 30500 : goto external-"
+            ),
+            "{nft}"
+        );
+        assert!(
+            !nft.contains("172.31.0.2 . tcp . 30500"),
+            "not a service-ips element"
+        );
     }
 }

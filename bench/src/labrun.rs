@@ -1,5 +1,6 @@
-//! Lab runs: one lab node with a client pod, ten nginx pods behind a Service in the middle of N
-//! Services, and an iperf3 pod, measured with our agent, then (agent detached) with no proxy at
+//! Lab runs: one lab node with a client pod, ten nginx pods behind a Service (and a NodePort
+//! Service) in the middle of N Services, an iperf3 pod and an external host, measured with our
+//! agent, then (agent detached) with no proxy at
 //! all, nftables, iptables-nft and iptables-legacy rules loaded into the node's namespace in
 //! turn. Every load run is bounded in count and time; all traffic stays inside the lab.
 use std::io::{Read as _, Write as _};
@@ -14,6 +15,7 @@ use serde_json::json;
 
 use crate::control::ModeSync;
 use crate::{cluster, kubeproxy};
+use dataplane_core::translate::NodeView;
 
 /// What a lab run measures, per mode.
 #[derive(Clone, Debug)]
@@ -55,6 +57,9 @@ pub enum LabOutcome {
         load_s: Option<f64>,
         /// A client in the node's own namespace (hostNetwork), paired against direct.
         node: Paired,
+        /// A client outside the cluster (the lab's external host) to the NodePort on the node's
+        /// address, paired against the pods' own addresses.
+        external: Paired,
     },
     NotLoaded {
         note: String,
@@ -76,6 +81,8 @@ pub struct Plan {
     pub web_vip: SocketAddr,
     pub web_pods: Vec<SocketAddr>,
     pub web_one_vip: SocketAddr,
+    /// The ten web pods behind a NodePort on the node's address, for the external client.
+    pub web_node_port: SocketAddr,
     pub web_direct: SocketAddr,
     pub iperf_vip: Ipv4Addr,
     pub iperf_direct: Ipv4Addr,
@@ -88,6 +95,10 @@ const NODE: (&str, &str, &str) = ("node-a", "172.31.0.2", "10.245.1.0/24");
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 250, 10);
 const WEB_ONE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 250, 11);
 const IPERF_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 250, 20);
+const WEB_NP_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 250, 12);
+const WEB_NODE_PORT: u16 = 30500;
+/// The external host, on the underlay beside the node.
+pub const EXTERNAL: (&str, Ipv4Addr) = ("ext", Ipv4Addr::new(172, 31, 0, 100));
 
 /// Writes a lab cluster of `services` Services to `out`: manifests, kube-proxy's rules for it,
 /// and the plan.
@@ -106,6 +117,15 @@ pub fn gen_lab(services: usize, out: &Path) -> anyhow::Result<()> {
             port: 80,
             target_port: 8080,
             backends: web.clone(),
+            node_port: None,
+        },
+        cluster::Real {
+            name: "web-np".into(),
+            vip: WEB_NP_VIP,
+            port: 80,
+            target_port: 8080,
+            backends: web.clone(),
+            node_port: Some(WEB_NODE_PORT),
         },
         cluster::Real {
             name: "web-one".into(),
@@ -113,6 +133,7 @@ pub fn gen_lab(services: usize, out: &Path) -> anyhow::Result<()> {
             port: 80,
             target_port: 8080,
             backends: vec![web[0]],
+            node_port: None,
         },
         cluster::Real {
             name: "iperf".into(),
@@ -120,6 +141,7 @@ pub fn gen_lab(services: usize, out: &Path) -> anyhow::Result<()> {
             port: 5201,
             target_port: 5201,
             backends: vec![iperf],
+            node_port: None,
         },
     ];
     let objects = cluster::objects(services, 10, &real);
@@ -151,14 +173,26 @@ pub fn gen_lab(services: usize, out: &Path) -> anyhow::Result<()> {
         cluster::yaml(&objects)?,
     )?;
     let index = cluster::index(&objects);
-    let translated = cluster::translated(&objects, &index);
-    std::fs::write(out.join("iptables.rules"), kubeproxy::iptables(&translated))?;
-    std::fs::write(out.join("nftables.rules"), kubeproxy::nftables(&translated))?;
+    let node_ip: Ipv4Addr = NODE.1.parse()?;
+    let node = NodeView {
+        name: Some(NODE.0.to_owned()),
+        nodeport_addresses: vec![node_ip],
+    };
+    let translated = cluster::translated_on(&objects, &index, &node);
+    std::fs::write(
+        out.join("iptables.rules"),
+        kubeproxy::iptables_on(&translated, &[node_ip]),
+    )?;
+    std::fs::write(
+        out.join("nftables.rules"),
+        kubeproxy::nftables_on(&translated, &[node_ip]),
+    )?;
     let plan = Plan {
         client: format!("{}/client", cluster::NAMESPACE),
         web_vip: SocketAddr::from((WEB_VIP, 80)),
         web_pods: web.iter().map(|w| SocketAddr::from((*w, 8080))).collect(),
         web_one_vip: SocketAddr::from((WEB_ONE_VIP, 80)),
+        web_node_port: SocketAddr::from((node_ip, WEB_NODE_PORT)),
         web_direct: SocketAddr::from((web[0], 8080)),
         iperf_vip: IPERF_VIP,
         iperf_direct: iperf,
@@ -378,6 +412,7 @@ struct Where {
     client: String,
     node: String,
     node_name: String,
+    external: String,
 }
 
 fn locate(plan: &Plan) -> anyhow::Result<Where> {
@@ -389,10 +424,25 @@ fn locate(plan: &Plan) -> anyhow::Result<Where> {
         .context("the client pod is in the lab")?
         .netns
         .clone();
+    let external = state
+        .externals
+        .iter()
+        .find(|x| x.name == EXTERNAL.0)
+        .context("the external host is in the lab")?
+        .netns
+        .clone();
+    // The external host reaches the pods' own addresses through the node, for the direct side
+    // of its pairs (an external host of a real cluster would not; here it is the floor).
+    netns::run(
+        &external,
+        "ip",
+        &["route", "replace", NODE.2, "via", NODE.1, "dev", "eth0"],
+    )?;
     Ok(Where {
         client,
         node: state.nodes[0].netns.clone(),
         node_name: state.nodes[0].spec.name.clone(),
+        external,
     })
 }
 
@@ -428,6 +478,15 @@ fn measure(
     let rps = wrk(&at.client, &format!("http://{web}/"), o.seconds)?;
     let gbps = iperf(&at.client, iperf_ip, o.seconds)?;
     let node = node_latency(&at.node_name, &service, p, o.connections)?;
+    let external_service = if direct {
+        service.clone()
+    } else {
+        vec![p.web_node_port]
+    };
+    let (pods, count) = (p.web_pods.clone(), o.connections);
+    let external = in_netns(&at.external, move || {
+        paired(&external_service, &pods, count)
+    })??;
     Ok(LabRow {
         services: p.services,
         mode: mode.to_owned(),
@@ -442,6 +501,7 @@ fn measure(
             gbps,
             load_s,
             node,
+            external,
         },
     })
 }
@@ -499,7 +559,11 @@ pub fn scale(
         .context("reading the lab plan")?;
     let n = plan.services;
     let t = Instant::now();
-    kplab::up(&dir.join("manifests"), None, &[])?;
+    kplab::up(
+        &dir.join("manifests"),
+        None,
+        &[format!("{}={}", EXTERNAL.0, EXTERNAL.1)],
+    )?;
     let up_s = t.elapsed().as_secs_f64();
     let at = locate(&plan)?;
     rows.push(measure(o, &plan, &at, "ours", Some(up_s))?);

@@ -209,6 +209,28 @@ fn lab(md: &mut String, d: &Value, out: &Path) -> anyhow::Result<()> {
             fmt(f(&n["overhead_iqr_us"]), 1),
         );
     }
+    let _ = writeln!(
+        md,
+        "\nFrom outside the cluster (the lab's external host) to a NodePort on the node's address \
+         (externalTrafficPolicy Cluster, the same ten pods; ours: XDP, the pods are local so no source \
+         NAT; kube-proxy's modes: KUBE-NODEPORTS / service-nodeports with masquerade), paired against \
+         the pods' own addresses routed through the node.\n\n\
+         | Services | mode | through NodePort p50 us | p99 us | direct p50 us | overhead p50 us | IQR us |\n|---|---|---|---|---|---|---|"
+    );
+    for r in rows.iter().filter(|r| r["external"].is_object()) {
+        let n = &r["external"];
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r["services"],
+            r["mode"].as_str().unwrap_or("?"),
+            fmt(f(&n["service_p50_us"]), 1),
+            fmt(f(&n["service_p99_us"]), 1),
+            fmt(f(&n["direct_p50_us"]), 1),
+            fmt(f(&n["overhead_p50_us"]), 1),
+            fmt(f(&n["overhead_iqr_us"]), 1),
+        );
+    }
     plot(
         &out.join("latency.svg"),
         "New connection + request, p50",

@@ -38,6 +38,11 @@ fn quick_bench_measures_every_mode_and_writes_the_report() {
         "reply",
         "not a Service",
         "empty program",
+        "NodePort new flow, local backend",
+        "NodePort new flow, SNAT",
+        "NodePort established, SNAT",
+        "external, not a frontend",
+        "empty XDP program",
     ] {
         let p = paths.iter().find(|p| p["path"] == path).unwrap();
         assert!(p["median_ns"].as_f64().unwrap() > 0.0, "{path}");
@@ -65,6 +70,12 @@ fn quick_bench_measures_every_mode_and_writes_the_report() {
             );
         }
         assert!(row["node"]["overhead_p50_us"].as_f64().is_some(), "{row}");
+        for key in ["service_p50_us", "direct_p50_us"] {
+            assert!(
+                row["external"][key].as_f64().is_some_and(|v| v > 0.0),
+                "{mode}: external client to the NodePort, {key} in {row}"
+            );
+        }
         for key in ["overhead_p50_us", "overhead_iqr_us"] {
             assert!(row[key].as_f64().is_some(), "{mode}: paired {key} in {row}");
         }
@@ -82,6 +93,7 @@ fn quick_bench_measures_every_mode_and_writes_the_report() {
     for section in [
         "## Datapath",
         "## Through the real kernel",
+        "From outside the cluster (the lab's external host) to a NodePort",
         "## Control plane",
         "## IPVS",
     ] {
