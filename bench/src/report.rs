@@ -195,20 +195,7 @@ fn lab(md: &mut String, d: &Value, out: &Path) -> anyhow::Result<()> {
          interquartile range; in \"direct\" both sides go to pods (the pairing's noise floor).\n\n\
          | Services | mode | through Service p50 us | p99 us | direct p50 us | overhead p50 us | IQR us |\n|---|---|---|---|---|---|---|"
     );
-    for r in rows.iter().filter(|r| r["node"].is_object()) {
-        let n = &r["node"];
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            r["services"],
-            r["mode"].as_str().unwrap_or("?"),
-            fmt(f(&n["service_p50_us"]), 1),
-            fmt(f(&n["service_p99_us"]), 1),
-            fmt(f(&n["direct_p50_us"]), 1),
-            fmt(f(&n["overhead_p50_us"]), 1),
-            fmt(f(&n["overhead_iqr_us"]), 1),
-        );
-    }
+    paired_rows(md, rows, "node");
     let _ = writeln!(
         md,
         "\nFrom outside the cluster (the lab's external host) to a NodePort on the node's address \
@@ -217,20 +204,7 @@ fn lab(md: &mut String, d: &Value, out: &Path) -> anyhow::Result<()> {
          the pods' own addresses routed through the node.\n\n\
          | Services | mode | through NodePort p50 us | p99 us | direct p50 us | overhead p50 us | IQR us |\n|---|---|---|---|---|---|---|"
     );
-    for r in rows.iter().filter(|r| r["external"].is_object()) {
-        let n = &r["external"];
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            r["services"],
-            r["mode"].as_str().unwrap_or("?"),
-            fmt(f(&n["service_p50_us"]), 1),
-            fmt(f(&n["service_p99_us"]), 1),
-            fmt(f(&n["direct_p50_us"]), 1),
-            fmt(f(&n["overhead_p50_us"]), 1),
-            fmt(f(&n["overhead_iqr_us"]), 1),
-        );
-    }
+    paired_rows(md, rows, "external");
     plot(
         &out.join("latency.svg"),
         "New connection + request, p50",
@@ -240,6 +214,24 @@ fn lab(md: &mut String, d: &Value, out: &Path) -> anyhow::Result<()> {
     )?;
     let _ = writeln!(md, "\n![latency](latency.svg)\n");
     Ok(())
+}
+
+/// One table row per lab row with paired figures under `key` (a `Paired`).
+fn paired_rows(md: &mut String, rows: &[Value], key: &str) {
+    for r in rows.iter().filter(|r| r[key].is_object()) {
+        let n = &r[key];
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r["services"],
+            r["mode"].as_str().unwrap_or("?"),
+            fmt(f(&n["service_p50_us"]), 1),
+            fmt(f(&n["service_p99_us"]), 1),
+            fmt(f(&n["direct_p50_us"]), 1),
+            fmt(f(&n["overhead_p50_us"]), 1),
+            fmt(f(&n["overhead_iqr_us"]), 1),
+        );
+    }
 }
 
 fn control(md: &mut String, d: &Value, rss: &Value, out: &Path) -> anyhow::Result<()> {

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use aya::{TestRun as _, TestRunOptions};
+use aya::TestRun as _;
 use dataplane_agent::datapath::Datapath;
 use dataplane_common::{CT_DIR_REPLY, CT_FLAG_SNAT, DropReason, prog_names};
 use dataplane_core::fixtures::packet::{ACK, Parsed, Pkt, SYN, parse_checked};
@@ -16,6 +16,9 @@ use dataplane_core::net::Cidr;
 use dataplane_core::reconcile::MapWriter as _;
 use dataplane_core::translate::{BackendAddr, ExternalSpec, Frontend, FrontendSpec, Proto};
 use kplab::netns::{self, Netns};
+
+mod common;
+use common::test_run;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -130,33 +133,15 @@ fn program_proto(
 }
 
 fn xdp(dp: &Datapath, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 256];
-    let r = dp
-        .xdp_program()
-        .unwrap()
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
+    test_run(frame, |o| dp.xdp_program().unwrap().test_run(o))
+}
+
+fn tc(dp: &Datapath, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+    test_run(frame, |o| dp.program(prog).unwrap().test_run(o))
 }
 
 fn to_external(dp: &Datapath, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 256];
-    let r = dp
-        .program(prog_names::TO_EXTERNAL)
-        .unwrap()
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
+    tc(dp, prog_names::TO_EXTERNAL, frame)
 }
 
 fn drops(dp: &Datapath, reason: DropReason) -> u64 {
@@ -446,24 +431,13 @@ fn load_balancer_source_ranges_admit_only_their_clients() {
     }
     assert_eq!(drops(&dp, DropReason::SourceRange), 2);
     // Pods are held to the ranges too (the cluster scope header carries them).
-    let (v, _) = dp_from_pod(&dp, &Pkt::tcp("10.244.1.99", 43001, LB_IP, 80, SYN).build());
+    let (v, _) = tc(
+        &dp,
+        prog_names::FROM_POD,
+        &Pkt::tcp("10.244.1.99", 43001, LB_IP, 80, SYN).build(),
+    );
     assert_eq!(v, 2, "TC_ACT_SHOT");
     assert_eq!(drops(&dp, DropReason::SourceRange), 3);
-}
-
-fn dp_from_pod(dp: &Datapath, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 256];
-    let r = dp
-        .program(prog_names::FROM_POD)
-        .unwrap()
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use aya::{TestRun as _, TestRunOptions};
+use aya::TestRun as _;
 use dataplane_agent::datapath::Datapath;
 use dataplane_common::{CT_DIR_REPLY, CT_DIR_SERVICE, DropReason, prog_names};
 use dataplane_core::fixtures::packet::{
@@ -13,6 +13,9 @@ use dataplane_core::fixtures::packet::{
 use dataplane_core::maps::{MapState, backend_value, diff, service_entries};
 use dataplane_core::reconcile::MapWriter as _;
 use dataplane_core::translate::{BackendAddr, Frontend, FrontendSpec, Proto};
+
+mod common;
+use common::test_run;
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -68,18 +71,7 @@ fn add_service(dp: &mut Datapath, vip: &str, port: u16, proto: Proto, backends: 
 
 /// Runs one program on one frame; returns the verdict and the output frame.
 fn run(dp: &Datapath, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 256];
-    let r = dp
-        .program(prog)
-        .unwrap()
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
+    test_run(frame, |o| dp.program(prog).unwrap().test_run(o))
 }
 
 fn drops(dp: &Datapath, reason: DropReason) -> u64 {

@@ -12,6 +12,7 @@ use std::time::Instant;
 use dataplane_common::{MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICE_ENTRIES, SvcStats, map_names};
 
 use crate::index::{Dirty, Index, Target};
+use crate::object::NsName;
 use crate::reconcile::{MapWriter, NodePortAddresses, Reconciler, SyncProblem, SyncReport};
 use crate::source::{Batch, Event, SourceWarning};
 use crate::status::{Histogram, MapUsage, ServiceStatus, Status, by_label};
@@ -48,6 +49,8 @@ pub struct Pipeline {
     fingerprint: Option<u64>,
     errors: BTreeMap<&'static str, u64>,
     sync_latency: Histogram,
+    /// Health checks of this node's Services that have one, kept per dirty Service.
+    health_checks: BTreeMap<NsName, HealthCheck>,
 }
 
 impl Pipeline {
@@ -64,16 +67,34 @@ impl Pipeline {
     /// server allocates them uniquely; a duplicate keeps the first Service by name).
     #[must_use]
     pub fn health_checks(&self) -> BTreeMap<u16, HealthCheck> {
-        let Some(node) = self.reconciler.node() else {
-            return BTreeMap::new();
-        };
         let mut out = BTreeMap::new();
-        for (name, svc) in &self.index.services {
-            if let Some(h) = health_check(svc, &self.index.slices_of(name), node) {
-                out.entry(h.port).or_insert(h);
-            }
+        for h in self.health_checks.values() {
+            out.entry(h.port).or_insert_with(|| h.clone());
         }
         out
+    }
+
+    /// Re-derives the health checks of the Services a batch dirtied (a Service's health check
+    /// depends on it and its EndpointSlices only), so a batch costs what it changed.
+    fn update_health_checks(&mut self, dirty: &Dirty) {
+        let Some(node) = self.reconciler.node().map(str::to_owned) else {
+            return;
+        };
+        for name in dirty.services() {
+            let check = self
+                .index
+                .services
+                .get(name)
+                .and_then(|svc| health_check(svc, &self.index.slices_of(name), &node));
+            match check {
+                Some(h) => {
+                    self.health_checks.insert(name.clone(), h);
+                }
+                None => {
+                    self.health_checks.remove(name);
+                }
+            }
+        }
     }
 
     /// Records the node's interface addresses; NodePorts that move with them are rewritten.
@@ -113,6 +134,7 @@ impl Pipeline {
         for problem in &report.problems {
             self.count_error(problem.metric_label(), 1);
         }
+        self.update_health_checks(&dirty);
         self.generation += 1;
         self.fingerprint = Some(batch.fingerprint);
         Applied {

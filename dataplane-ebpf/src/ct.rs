@@ -21,6 +21,18 @@ pub fn lookup(key: CtKey) -> Option<&'static mut CtValue> {
     Some(unsafe { &mut *ct })
 }
 
+/// The entry of a packet's tuple in the client's direction, unless the packet reopens the tuple
+/// (a SYN after FIN/RST is a new connection); refreshed when returned.
+#[inline(always)]
+pub fn established(pkt: &Packet) -> Option<&'static mut CtValue> {
+    let ct = lookup(pkt.ct_key(CT_DIR_SERVICE))?;
+    if pkt.is_tcp_syn() && ct.flags & CT_FLAG_CLOSING != 0 {
+        return None;
+    }
+    track(ct, pkt);
+    Some(ct)
+}
+
 /// Records a new connection: the reply entry goes in first, so the backend's first answer always
 /// finds it. Both inserts overwrite: a reopened tuple (SYN after FIN/RST) replaces its stale
 /// entries. Failing to record is a drop (`CtCreateFailed`), never an untracked translation.

@@ -9,7 +9,7 @@
 //! The ICMP checksum covers the quote, so every rewritten word of it (addresses, ports, the
 //! quoted header's checksum) is folded into it; the quoted L4 checksum is left as it is (no
 //! stack checks it, and a quote may be cut short).
-use dataplane_common::{DropReason, PROTO_TCP, PROTO_UDP};
+use dataplane_common::{CT_DIR_REPLY, CtKey, DropReason, PROTO_TCP, PROTO_UDP};
 
 use crate::csum::{csum_replace2, csum_replace4};
 use crate::ctx::PacketCtx;
@@ -82,6 +82,21 @@ impl IcmpError {
             inner_sport: u16::from_ne_bytes([inner[20], inner[21]]),
             inner_dport: u16::from_ne_bytes([inner[22], inner[23]]),
         })
+    }
+
+    /// The conntrack key of the flow the quote belongs to, in its reply direction: the quoted
+    /// packet went from the client's side to the far end, so its reply comes from the far end.
+    #[inline(always)]
+    pub fn reply_key(&self) -> CtKey {
+        CtKey {
+            saddr: self.inner_daddr,
+            daddr: self.inner_saddr,
+            sport: self.inner_dport,
+            dport: self.inner_sport,
+            proto: self.proto,
+            dir: CT_DIR_REPLY,
+            pad: 0,
+        }
     }
 
     /// Applies `rw` in place, with every checksum kept right.

@@ -694,6 +694,29 @@ fn answers(results: &[Value]) -> std::collections::BTreeSet<(String, String)> {
         .collect()
 }
 
+/// `count` TCP probes from `from` to `to`, every one answered by `backend` seeing `client`.
+fn answered_by(from: &str, to: &str, count: u32, (backend, client): (&str, &str), why: &str) {
+    let r = probe(from, to, "tcp", count);
+    assert_eq!(
+        answers(&r),
+        [pair(backend, client)].into(),
+        "{from} -> {to} {why}: {r:?}"
+    );
+    assert!(
+        r.iter().all(|r| r["result"] == "connected"),
+        "{from} -> {to}: {r:?}"
+    );
+}
+
+/// `count` TCP probes from `from` to `to`, every one unanswered (dropped, not refused).
+fn dropped(from: &str, to: &str, count: u32, why: &str) {
+    let r = probe(from, to, "tcp", count);
+    assert!(
+        r.iter().all(|r| r["result"] == "timeout"),
+        "{from} -> {to}, {why}: {r:?}"
+    );
+}
+
 fn pair(backend: &str, client: &str) -> (String, String) {
     (backend.to_owned(), client.to_owned())
 }
@@ -729,23 +752,21 @@ fn external_clients_reach_node_ports_and_load_balancer_ips_under_each_traffic_po
         );
     }
     // eTP Local: node-b has the endpoint, the client address is kept; node-a has none and drops.
-    let r = probe("ext", "172.31.0.3:30082", "tcp", 5);
-    assert_eq!(
-        answers(&r),
-        [pair("t/web-3", "172.31.0.100")].into(),
-        "{r:?}"
+    answered_by(
+        "ext",
+        "172.31.0.3:30082",
+        5,
+        ("t/web-3", "172.31.0.100"),
+        "",
     );
-    let r = probe("ext", "10.98.2.2:80", "tcp", 5);
-    assert_eq!(
-        answers(&r),
-        [pair("t/web-3", "172.31.0.100")].into(),
-        "LB IP routed to node-b: {r:?}"
+    answered_by(
+        "ext",
+        "10.98.2.2:80",
+        5,
+        ("t/web-3", "172.31.0.100"),
+        "LB IP routed to node-b",
     );
-    let r = probe("ext", "172.31.0.2:30082", "tcp", 2);
-    assert!(
-        r.iter().all(|r| r["result"] == "timeout"),
-        "eTP Local, no local endpoint: {r:?}"
-    );
+    dropped("ext", "172.31.0.2:30082", 2, "eTP Local, no local endpoint");
     // The health check node port says which node has one (kube-proxy's JSON), and every node
     // answers kube-proxy's /healthz and /livez on 10256 to the load balancer; metrics stay on
     // loopback.
@@ -776,28 +797,15 @@ fn external_clients_reach_node_ports_and_load_balancer_ips_under_each_traffic_po
     assert!(r.iter().all(|r| r["result"] == "connected"), "{r:?}");
 
     // Source ranges: only 172.31.0.200 reaches the LB IP.
-    let r = probe("ext2", "10.98.2.3:80", "tcp", 3);
-    assert_eq!(
-        answers(&r),
-        [pair("t/web-1", "172.31.0.200")].into(),
-        "{r:?}"
-    );
-    let r = probe("ext", "10.98.2.3:80", "tcp", 2);
-    assert!(
-        r.iter().all(|r| r["result"] == "timeout"),
-        "outside the ranges: {r:?}"
-    );
+    answered_by("ext2", "10.98.2.3:80", 3, ("t/web-1", "172.31.0.200"), "");
+    dropped("ext", "10.98.2.3:80", 2, "outside the ranges");
 
     // iTP Local: node-a's clients reach node-a's endpoint; node-b's have none and are dropped.
     for from in ["t/client-a", "node-a"] {
         let r = probe(from, "10.97.0.24:80", "tcp", 3);
         assert_eq!(backends(&r), ["t/web-1".to_owned()].into(), "{from}: {r:?}");
     }
-    let r = probe("t/client-b", "10.97.0.24:80", "tcp", 2);
-    assert!(
-        r.iter().all(|r| r["result"] == "timeout"),
-        "iTP Local, none local: {r:?}"
-    );
+    dropped("t/client-b", "10.97.0.24:80", 2, "iTP Local, none local");
     let r = probe("node-b", "10.97.0.24:80", "tcp", 1);
     assert_ne!(r[0]["result"], "connected", "{r:?}");
     assert_eq!(checksum_errors(), 0);
@@ -827,11 +835,12 @@ fn external_clients_reach_node_ports_and_load_balancer_ips_under_each_traffic_po
     lab.apply_files("moved", &[("external.yaml", &moved)]);
     assert_eq!(health("ext", "172.31.0.2:32100", "/"), (200, 1));
     assert_eq!(health("ext", "172.31.0.3:32100", "/"), (503, 0));
-    let r = probe("ext", "172.31.0.2:30082", "tcp", 3);
-    assert_eq!(
-        answers(&r),
-        [pair("t/web-1", "172.31.0.100")].into(),
-        "{r:?}"
+    answered_by(
+        "ext",
+        "172.31.0.2:30082",
+        3,
+        ("t/web-1", "172.31.0.100"),
+        "",
     );
     let r = probe("ext", "172.31.0.3:30082", "tcp", 2);
     assert!(r.iter().all(|r| r["result"] == "timeout"), "{r:?}");

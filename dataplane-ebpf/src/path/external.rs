@@ -29,8 +29,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use dataplane_common::{
-    BACKEND_LOCAL, CT_DIR_REPLY, CT_DIR_SERVICE, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CT_FLAG_SNAT,
-    CtKey, CtValue, DropReason, SCOPE_EXTERNAL, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_LOCAL,
+    BACKEND_LOCAL, CT_DIR_REPLY, CT_DIR_SERVICE, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, CtKey, CtValue,
+    DropReason, SCOPE_EXTERNAL, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_LOCAL,
 };
 
 use crate::counters::count_service;
@@ -51,19 +51,15 @@ pub fn try_from_external(ctx: &XdpContext) -> Result<u32, DropReason> {
         return snat_icmp_error(ctx);
     };
     let key = pkt.ct_key(CT_DIR_SERVICE);
-    if let Some(ct) = ct::lookup(key) {
-        let reopened = pkt.is_tcp_syn() && ct.flags & CT_FLAG_CLOSING != 0;
-        if !reopened {
-            ct::track(ct, &pkt);
-            count_service(ct.rev_nat_id, ctx.len());
-            nat_dst(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
-            if ct.flags & CT_FLAG_SNAT == 0 {
-                return Ok(XDP_PASS);
-            }
-            still_ours(&pkt, ct)?;
-            nat_src(ctx, &pkt, ct.snat_addr, ct.snat_port)?;
-            return Ok(forward(ctx, ct.nat_addr));
+    if let Some(ct) = ct::established(&pkt) {
+        count_service(ct.rev_nat_id, ctx.len());
+        nat_dst(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
+        if ct.flags & CT_FLAG_SNAT == 0 {
+            return Ok(XDP_PASS);
         }
+        still_ours(&pkt, ct)?;
+        nat_src(ctx, &pkt, ct.snat_addr, ct.snat_port)?;
+        return Ok(forward(ctx, ct.nat_addr));
     }
     if let Some(ct) = ct::lookup(pkt.ct_key(CT_DIR_REPLY)) {
         // Other replies (of pods' connections) are the pod interfaces' business.
@@ -190,16 +186,7 @@ fn snat_icmp_error(ctx: &XdpContext) -> Result<u32, DropReason> {
     let Some(err) = IcmpError::parse(ctx) else {
         return Ok(XDP_PASS);
     };
-    let key = CtKey {
-        saddr: err.inner_daddr,
-        daddr: err.inner_saddr,
-        sport: err.inner_dport,
-        dport: err.inner_sport,
-        proto: err.proto,
-        dir: CT_DIR_REPLY,
-        pad: 0,
-    };
-    let Some(ct) = ct::lookup(key) else {
+    let Some(ct) = ct::lookup(err.reply_key()) else {
         return Ok(XDP_PASS);
     };
     if ct.flags & CT_FLAG_SNAT == 0 {

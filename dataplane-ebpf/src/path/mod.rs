@@ -3,7 +3,7 @@ pub mod external;
 pub mod pod;
 pub mod sock;
 
-use dataplane_common::{CT_DIR_REPLY, CT_FLAG_HAIRPIN, CT_FLAG_SNAT, CtKey, DropReason};
+use dataplane_common::{CT_FLAG_HAIRPIN, CT_FLAG_SNAT, DropReason};
 
 use crate::ct;
 use crate::ctx::PacketCtx;
@@ -17,16 +17,7 @@ pub fn reverse_icmp_error<C: PacketCtx>(ctx: &C) -> Result<(), DropReason> {
     let Some(err) = IcmpError::parse(ctx) else {
         return Ok(());
     };
-    let key = CtKey {
-        saddr: err.inner_daddr,
-        daddr: err.inner_saddr,
-        sport: err.inner_dport,
-        dport: err.inner_sport,
-        proto: err.proto,
-        dir: CT_DIR_REPLY,
-        pad: 0,
-    };
-    let Some(ct) = ct::lookup(key) else {
+    let Some(ct) = ct::lookup(err.reply_key()) else {
         return Ok(());
     };
     if ct.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0 {

@@ -9,8 +9,8 @@
 //! ```
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use dataplane_common::{
-    CT_DIR_REPLY, CT_DIR_SERVICE, CT_FLAG_CLOSING, CT_FLAG_HAIRPIN, CtKey, CtValue, DropReason,
-    HAIRPIN_ADDR, SVC_FLAG_DROP_EMPTY,
+    CT_DIR_REPLY, CT_DIR_SERVICE, CT_FLAG_HAIRPIN, CtKey, CtValue, DropReason, HAIRPIN_ADDR,
+    SVC_FLAG_DROP_EMPTY,
 };
 
 use crate::counters::{count_drop, count_service};
@@ -27,17 +27,13 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         return hairpin_reply(ctx, &pkt);
     }
     let key = pkt.ct_key(CT_DIR_SERVICE);
-    if let Some(ct) = ct::lookup(key) {
-        let reopened = pkt.is_tcp_syn() && ct.flags & CT_FLAG_CLOSING != 0;
-        if !reopened {
-            ct::track(ct, &pkt);
-            count_service(ct.rev_nat_id, ctx.len());
-            nat_dst(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
-            if ct.flags & CT_FLAG_HAIRPIN != 0 {
-                return hairpin(ctx, &pkt, HAIRPIN_ADDR, pkt.sport);
-            }
-            return Ok(TC_ACT_OK);
+    if let Some(ct) = ct::established(&pkt) {
+        count_service(ct.rev_nat_id, ctx.len());
+        nat_dst(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
+        if ct.flags & CT_FLAG_HAIRPIN != 0 {
+            return hairpin(ctx, &pkt, HAIRPIN_ADDR, pkt.sport);
         }
+        return Ok(TC_ACT_OK);
     }
 
     let frontend = lb::Frontend::of(&pkt);
