@@ -611,6 +611,54 @@ mod tests {
     }
 
     #[test]
+    fn node_port_addresses_by_cidr_follow_the_nodes_interface_addresses() {
+        let mut index = Index::default();
+        let mut svc = service("ns", "web", "10.96.0.10", &[("", 80, "TCP", json!(8080))]);
+        let spec = svc.spec.as_mut().unwrap();
+        spec.type_ = Some("NodePort".into());
+        spec.ports.as_mut().unwrap()[0].node_port = Some(30080);
+        let dirty = index.apply(Object::from(svc));
+        let cidrs: NodePortAddresses = "192.168.0.0/16,10.1.0.0/24".parse().unwrap();
+        assert_eq!(
+            "primary".parse::<NodePortAddresses>().unwrap(),
+            NodePortAddresses::Primary
+        );
+        assert!("192.168.0.0/33".parse::<NodePortAddresses>().is_err());
+        let mut p = Reconciler::for_node("node-a", cidrs);
+        let addrs = |maps: &MapState| -> BTreeSet<String> {
+            maps.services
+                .keys()
+                .filter(|k| k.slot == 0 && k.port == 30080u16.to_be())
+                .map(|k| std::net::Ipv4Addr::from(k.addr.to_ne_bytes()).to_string())
+                .collect()
+        };
+        let mut maps = MapState::default();
+        assert!(p.set_local_addresses(vec![
+            "192.168.5.5".parse().unwrap(),
+            "172.31.0.2".parse().unwrap(),
+            "10.1.0.7".parse().unwrap(),
+        ]));
+        p.sync(&index, &dirty, &mut maps);
+        assert_eq!(
+            addrs(&maps),
+            BTreeSet::from(["10.1.0.7".to_owned(), "192.168.5.5".to_owned()])
+        );
+        assert!(
+            !p.set_local_addresses(vec![
+                "10.1.0.7".parse().unwrap(),
+                "172.31.0.2".parse().unwrap(),
+                "192.168.5.5".parse().unwrap(),
+            ]),
+            "the same addresses in another order change nothing"
+        );
+        assert!(p.set_local_addresses(vec!["10.1.0.8".parse().unwrap()]));
+        let mut node_dirty = Dirty::default();
+        node_dirty.insert(Target::Node("node-a".into()));
+        p.sync(&index, &node_dirty, &mut maps);
+        assert_eq!(addrs(&maps), BTreeSet::from(["10.1.0.8".to_owned()]));
+    }
+
+    #[test]
     fn a_frontend_claimed_twice_stays_with_its_first_service() {
         let mut index = Index::default();
         index.apply(Object::from(service(

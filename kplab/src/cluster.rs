@@ -14,8 +14,12 @@ use serde::Deserialize as _;
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeSpec {
     pub name: String,
+    /// The first InternalIP: the node's address on the underlay.
     pub ip: Ipv4Addr,
     pub pod_cidr: String,
+    /// Its other IPv4 addresses (more InternalIPs, ExternalIPs), on the same interface.
+    #[serde(default)]
+    pub extra_ips: Vec<Ipv4Addr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -199,19 +203,37 @@ pub fn read(dir: &Path) -> anyhow::Result<Cluster> {
 
 fn node_spec(node: &Node) -> anyhow::Result<NodeSpec> {
     let name = node.metadata.name.clone().unwrap_or_default();
-    let ip = node
+    let addresses: Vec<(&str, Ipv4Addr)> = node
         .status
         .as_ref()
         .and_then(|s| s.addresses.as_ref())
-        .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
-        .and_then(|a| a.address.parse().ok())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| Some((a.type_.as_str(), a.address.parse().ok()?)))
+        .collect();
+    let ip = addresses
+        .iter()
+        .find(|(t, _)| *t == "InternalIP")
+        .map(|(_, ip)| *ip)
         .with_context(|| format!("Node {name} has no IPv4 InternalIP"))?;
+    let mut extra_ips: Vec<Ipv4Addr> = addresses
+        .iter()
+        .map(|(_, a)| *a)
+        .filter(|a| *a != ip)
+        .collect();
+    extra_ips.dedup();
     let pod_cidr = node
         .spec
         .as_ref()
         .and_then(|s| s.pod_cidr.clone())
         .with_context(|| format!("Node {name} has no spec.podCIDR"))?;
-    Ok(NodeSpec { name, ip, pod_cidr })
+    Ok(NodeSpec {
+        name,
+        ip,
+        pod_cidr,
+        extra_ips,
+    })
 }
 
 fn pod_spec(pod: &Pod) -> Option<PodSpec> {
@@ -359,6 +381,7 @@ mod tests {
                 name: "node-a".into(),
                 ip: Ipv4Addr::new(172, 31, 0, 2),
                 pod_cidr: "10.245.1.0/24".into(),
+                extra_ips: Vec::new(),
             }],
             pods: vec![
                 pod("t/in", "node-a", [10, 245, 1, 9]),

@@ -109,15 +109,17 @@ fn create_host(
     eth0_up(netns, addr)?;
     tx_csum_off(&ul, &ul_if)?;
     for node in nodes.iter().filter(|n| n.ip != addr) {
-        ip(&[
-            "-n",
-            netns,
-            "route",
-            "add",
-            &format!("{}/32", node.ip),
-            "dev",
-            "eth0",
-        ])?;
+        for a in std::iter::once(&node.ip).chain(&node.extra_ips) {
+            ip(&[
+                "-n",
+                netns,
+                "route",
+                "add",
+                &format!("{a}/32"),
+                "dev",
+                "eth0",
+            ])?;
+        }
     }
     Ok(())
 }
@@ -130,6 +132,18 @@ fn node_netns(prefix: &str, node: &NodeSpec) -> String {
 pub fn create_node(prefix: &str, spec: &NodeSpec, nodes: &[NodeSpec]) -> anyhow::Result<String> {
     let netns = node_netns(prefix, spec);
     create_host(prefix, &netns, spec.ip, nodes)?;
+    // Secondary addresses (more InternalIPs, ExternalIPs) on the same interface.
+    for extra in &spec.extra_ips {
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{extra}/32"),
+            "dev",
+            "eth0",
+        ])?;
+    }
     in_ns(&netns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
     for other in nodes.iter().filter(|n| n.name != spec.name) {
         ip(&[

@@ -63,13 +63,23 @@ fn manifests(
 ) {
     std::fs::create_dir_all(dir).unwrap();
     let mut nodes = String::new();
-    for (name, ip, cidr) in [
-        ("node-a", "172.31.0.2", "10.245.1.0/24"),
-        ("node-b", "172.31.0.3", "10.245.2.0/24"),
+    // node-a has a secondary InternalIP and an ExternalIP too.
+    for (name, addresses, cidr) in [
+        (
+            "node-a",
+            "{type: InternalIP, address: 172.31.0.2}, {type: InternalIP, address: 172.31.1.2}, \
+             {type: ExternalIP, address: 172.31.2.2}",
+            "10.245.1.0/24",
+        ),
+        (
+            "node-b",
+            "{type: InternalIP, address: 172.31.0.3}",
+            "10.245.2.0/24",
+        ),
     ] {
         nodes += &format!(
             "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{podCIDR: {cidr}}}\n\
-             status: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n---\n"
+             status: {{addresses: [{addresses}]}}\n---\n"
         );
     }
     std::fs::write(dir.join("nodes.yaml"), nodes).unwrap();
@@ -739,6 +749,23 @@ fn external_clients_reach_node_ports_and_load_balancer_ips_under_each_traffic_po
             "ext -> {node} NodePort: {r:?}"
         );
     }
+    // NodePorts answer on every InternalIP of a node (`--nodeport-addresses primary`), not on
+    // its ExternalIP: nothing listens there, so the kernel refuses.
+    let r = probe("ext", "172.31.1.2:30081", "tcp", 24);
+    assert_eq!(
+        answers(&r),
+        [
+            pair("t/web-1", "172.31.0.100"),
+            pair("t/web-2", "172.31.0.2")
+        ]
+        .into(),
+        "secondary InternalIP (source NAT uses the first): {r:?}"
+    );
+    let r = probe("ext", "172.31.2.2:30081", "tcp", 2);
+    assert!(
+        r.iter().all(|r| r["result"] == "refused"),
+        "ExternalIP: {r:?}"
+    );
     for to in ["10.98.2.1:80", "10.98.0.8:80"] {
         let r = probe("ext", to, "tcp", 24);
         assert!(
