@@ -121,6 +121,11 @@ pub struct PodState {
     pub netns: String,
     pub host_if: String,
     pub server_pid: u32,
+    /// The pod's cgroup v2 directory, below its node's (created by the lab): its server and
+    /// `kplab exec --on POD` run there, so the node's socket hooks see its sockets (and leave
+    /// them to the pod's interface programs: another network namespace).
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -200,11 +205,11 @@ impl State {
     /// # Errors
     /// `who` is unknown, or the namespace or cgroup cannot be entered.
     pub fn enter(&self, who: &str) -> anyhow::Result<()> {
-        if let Some(cg) = self
-            .nodes
-            .iter()
-            .find(|n| n.spec.name == who)
+        let node = self.nodes.iter().find(|n| n.spec.name == who);
+        let pod = self.pods.iter().find(|p| p.spec.key == who);
+        if let Some(cg) = node
             .and_then(|n| n.cgroup.as_ref())
+            .or(pod.and_then(|p| p.cgroup.as_ref()))
         {
             cgroup::join(cg)?;
         }
@@ -447,20 +452,37 @@ fn route_external_addresses(state: &State) -> anyhow::Result<()> {
 fn add_pod(state: &State, pod: &PodSpec, kplab: &Path) -> anyhow::Result<PodState> {
     let (netns, host_if) =
         topology::create_pod(&state.prefix, pod, &node_netns(state, &pod.node)?)?;
+    let cgroup = match state.nodes.iter().find(|n| n.spec.name == pod.node) {
+        Some(NodeState {
+            cgroup: Some(node_cg),
+            ..
+        }) => Some(cgroup::create(
+            node_cg,
+            &format!("pod-{}", pod.key.replace('/', ".")),
+        )?),
+        _ => None,
+    };
     let log = home().join(format!("pod-{}.log", pod.key.replace('/', ".")));
+    let at = (netns.as_str(), cgroup.as_deref());
     let server_pid = match pod.server.as_deref() {
-        None => spawn_lab_server(pod, &netns, &log, kplab)?,
-        Some(server) => serve::spawn_real(server, pod, &netns, &home(), &log)?,
+        None => spawn_lab_server(pod, at, &log, kplab)?,
+        Some(server) => serve::spawn_real(server, pod, at, &home(), &log)?,
     };
     Ok(PodState {
         spec: pod.clone(),
         netns,
         host_if,
         server_pid,
+        cgroup,
     })
 }
 
-fn spawn_lab_server(pod: &PodSpec, netns: &str, log: &Path, kplab: &Path) -> anyhow::Result<u32> {
+fn spawn_lab_server(
+    pod: &PodSpec,
+    (netns, cgroup): (&str, Option<&Path>),
+    log: &Path,
+    kplab: &Path,
+) -> anyhow::Result<u32> {
     let mut args = vec!["serve".to_owned(), "--pod".to_owned(), pod.key.clone()];
     for p in &pod.tcp {
         args.extend(["--tcp".to_owned(), p.to_string()]);
@@ -468,7 +490,7 @@ fn spawn_lab_server(pod: &PodSpec, netns: &str, log: &Path, kplab: &Path) -> any
     for p in &pod.udp {
         args.extend(["--udp".to_owned(), p.to_string()]);
     }
-    topology::spawn_in(Some(netns), None, kplab, &args, log)
+    topology::spawn_in(Some(netns), cgroup, kplab, &args, log)
 }
 
 fn node_netns(state: &State, node: &str) -> anyhow::Result<String> {

@@ -111,7 +111,7 @@ pub fn main(args: &ServeArgs) -> anyhow::Result<()> {
 pub fn spawn_real(
     server: &str,
     pod: &super::cluster::PodSpec,
-    netns: &str,
+    (netns, cgroup): (&str, Option<&std::path::Path>),
     home: &std::path::Path,
     log: &std::path::Path,
 ) -> anyhow::Result<u32> {
@@ -167,5 +167,11 @@ pub fn spawn_real(
         ],
         other => anyhow::bail!("pod {}: unknown server {other:?}", pod.key),
     };
-    super::topology::spawn_in(Some(netns), None, std::path::Path::new(server), &args, log)
+    super::topology::spawn_in(
+        Some(netns),
+        cgroup,
+        std::path::Path::new(server),
+        &args,
+        log,
+    )
 }

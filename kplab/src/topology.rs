@@ -308,10 +308,13 @@ pub fn unmount_below(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Stops a pod's server and removes its namespace (its veth goes with it).
+/// Stops a pod's server and removes its namespace (its veth goes with it) and its cgroup.
 pub fn delete_pod(pod: &PodState) -> anyhow::Result<()> {
     stop([pod.server_pid]);
     stop(netns::pids(&pod.netns));
+    if let Some(cg) = &pod.cgroup {
+        cgroup::remove(cg)?;
+    }
     netns::delete(&pod.netns)
 }
 

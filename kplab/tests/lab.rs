@@ -1049,6 +1049,26 @@ fn attached(node: &str) -> usize {
 fn agents_follow_pods_as_they_come_and_go() {
     let lab = Lab::up();
     assert_eq!((attached("node-a"), attached("node-b")), (3, 4));
+    // Each pod's server runs in a cgroup of its own below its node's, and nowhere else.
+    let state = lab.state();
+    for pod in state["pods"].as_array().unwrap() {
+        let node = state["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["spec"]["name"] == pod["spec"]["node"])
+            .unwrap();
+        let node_cg = Path::new(node["cgroup"].as_str().unwrap());
+        let pod_cg = Path::new(pod["cgroup"].as_str().unwrap());
+        assert_eq!(pod_cg.parent(), Some(node_cg), "{pod}");
+        let procs = std::fs::read_to_string(pod_cg.join("cgroup.procs")).unwrap();
+        let pid = pod["server_pid"].to_string();
+        assert!(
+            procs.lines().any(|l| l == pid),
+            "{pid} not in {}",
+            pod_cg.display()
+        );
+    }
     let client_c = [("client-c", "node-b", "10.245.2.50", "8080/TCP")];
     lab.apply_with_pods("new-pod", Some(ALL_WEB), ECHO_SERVICE, &client_c);
     assert_eq!(
