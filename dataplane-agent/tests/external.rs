@@ -215,7 +215,7 @@ fn from_external_table() {
             expect: Expect::Dropped(DropReason::NoLocalBackend),
         },
         Case {
-            name: "NodePort without any endpoint: dropped",
+            name: "a LoadBalancer IP (not a node address) without any endpoint: dropped",
             backends: &[],
             local: false,
             ranges: &[],
@@ -537,4 +537,24 @@ fn an_endpoint_without_node_name_routed_to_a_local_interface_is_not_source_nated
         "routed locally: client kept"
     );
     assert_eq!(v, XDP_PASS);
+}
+
+#[test]
+fn a_node_port_without_endpoints_is_left_to_the_kernel_to_refuse() {
+    let mut dp = load();
+    // NODE is this namespace's own address: nothing listens on the NodePort, so the kernel
+    // answers with an RST, as kube-proxy's REJECT would.
+    // (A node forwards; the FIB says "not forwarded, local" only where forwarding is on.)
+    let st = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("ip link set lo up && ip addr add {NODE}/32 dev lo && sysctl -qw net.ipv4.ip_forward=1"),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    program(&mut dp, NODE, NODE_PORT, &[], false, &[]);
+    let syn = Pkt::tcp(CLIENT, 47000, NODE, NODE_PORT, SYN).build();
+    assert_eq!(xdp(&dp, &syn), (XDP_PASS, syn), "passed untranslated");
+    assert_eq!(drops(&dp, DropReason::NoBackend), 1, "and counted");
 }

@@ -22,8 +22,9 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, TC_ACT_OK, bpf_fib_lookup as FibParams,
-        xdp_action::{XDP_PASS, XDP_TX},
+        BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, TC_ACT_OK,
+        bpf_fib_lookup as FibParams,
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     },
     helpers::{bpf_fib_lookup, bpf_get_prandom_u32},
     programs::{TcContext, XdpContext},
@@ -33,7 +34,7 @@ use dataplane_common::{
     DropReason, SCOPE_EXTERNAL, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_LOCAL,
 };
 
-use crate::counters::count_service;
+use crate::counters::{count_drop, count_service};
 use crate::csum::csum_replace2;
 use crate::ctx::PacketCtx;
 use crate::icmp::{IcmpError, Rewrite};
@@ -79,10 +80,18 @@ pub fn try_from_external(ctx: &XdpContext) -> Result<u32, DropReason> {
     count_service(header.rev_nat_id, ctx.len());
     lb::admit(&header, pkt.saddr)?;
     if header.count == 0 {
-        return Err(if header.flags & SVC_FLAG_DROP_EMPTY != 0 {
-            DropReason::NoLocalBackend
+        if header.flags & SVC_FLAG_DROP_EMPTY != 0 {
+            return Err(DropReason::NoLocalBackend);
+        }
+        // No endpoint at all: kube-proxy rejects. A NodePort is one of this node's own addresses,
+        // where nothing listens on the port: the kernel answers with an RST or a port
+        // unreachable, as kube-proxy's REJECT does. Anything else (a LoadBalancer IP or
+        // externalIP the node would forward) is dropped.
+        count_drop(DropReason::NoBackend);
+        return Ok(if is_local(ctx, pkt.daddr) {
+            XDP_PASS
         } else {
-            DropReason::NoBackend
+            XDP_DROP
         });
     }
     let (backend_id, backend) = lb::pick(&frontend, &header)?;
@@ -251,6 +260,13 @@ fn still_ours(pkt: &Packet, ct: &CtValue) -> Result<(), DropReason> {
 /// The FIB's next hop towards `daddr` (egress interface, MACs), when it has a resolved one.
 #[inline(always)]
 fn fib(ctx: &XdpContext, daddr: u32) -> Option<FibParams> {
+    let (rc, fib) = fib_lookup(ctx, daddr);
+    (rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS)).then_some(fib)
+}
+
+/// `bpf_fib_lookup` towards `daddr` from the ingress interface: its return code and result.
+#[inline(always)]
+fn fib_lookup(ctx: &XdpContext, daddr: u32) -> (i64, FibParams) {
     // SAFETY: an all-zero `bpf_fib_lookup` is a valid (empty) request.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
@@ -265,7 +281,13 @@ fn fib(ctx: &XdpContext, daddr: u32) -> Option<FibParams> {
             0,
         )
     };
-    (rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS)).then_some(fib)
+    (rc, fib)
+}
+
+/// Whether `daddr` is one of this node's own addresses (the FIB does not forward it).
+#[inline(always)]
+fn is_local(ctx: &XdpContext, daddr: u32) -> bool {
+    fib_lookup(ctx, daddr).0 == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED)
 }
 
 /// Sends a rewritten packet towards `daddr`: back out of this interface from XDP when the FIB
