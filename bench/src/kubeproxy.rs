@@ -332,29 +332,21 @@ pub fn nftables_on(services: &[(NsName, Vec<FrontendSpec>)], node_ips: &[Ipv4Add
             }
         }
     }
-    for chunk in node_ports.chunks(1000) {
-        let _ = writeln!(
-            out,
-            "add element ip kube-proxy service-nodeports {{ {} }}",
-            chunk.join(" , ")
-        );
-    }
-    // Elements in chunks, as kube-proxy's transactions do, to keep each line reasonable.
+    add_elements(&mut out, "service-nodeports", &node_ports);
+    add_elements(&mut out, "service-ips", &elements);
+    add_elements(&mut out, "no-endpoint-services", &rejects);
+    out
+}
+
+/// Elements of a map, in chunks as kube-proxy's transactions write them (each line reasonable).
+fn add_elements(out: &mut String, map: &str, elements: &[String]) {
     for chunk in elements.chunks(1000) {
         let _ = writeln!(
             out,
-            "add element ip kube-proxy service-ips {{ {} }}",
+            "add element ip kube-proxy {map} {{ {} }}",
             chunk.join(" , ")
         );
     }
-    for chunk in rejects.chunks(1000) {
-        let _ = writeln!(
-            out,
-            "add element ip kube-proxy no-endpoint-services {{ {} }}",
-            chunk.join(" , ")
-        );
-    }
-    out
 }
 
 /// The `nft -f` transaction kube-proxy's nftables mode writes after one Service's endpoints

@@ -191,11 +191,13 @@ impl Agent {
                 }
             }
         }
-        let report = self
-            .pipeline
-            .set_local_addresses(local_addresses(), &mut self.datapath);
-        for problem in &report.problems {
-            warn!(service = %problem.service(), label = problem.metric_label(), "{problem}");
+        if self.pipeline.reconciler.follows_local_addresses() {
+            let report = self
+                .pipeline
+                .set_local_addresses(local_addresses(), &mut self.datapath);
+            for problem in &report.problems {
+                warn!(service = %problem.service(), label = problem.metric_label(), "{problem}");
+            }
         }
     }
 

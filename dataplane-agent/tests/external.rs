@@ -18,7 +18,7 @@ use dataplane_core::translate::{BackendAddr, ExternalSpec, Frontend, FrontendSpe
 use kplab::netns::{self, Netns};
 
 mod common;
-use common::test_run;
+use common::{drops, test_run};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -142,15 +142,6 @@ fn tc(dp: &Datapath, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
 
 fn to_external(dp: &Datapath, frame: &[u8]) -> (u32, Vec<u8>) {
     tc(dp, prog_names::TO_EXTERNAL, frame)
-}
-
-fn drops(dp: &Datapath, reason: DropReason) -> u64 {
-    dp.drops()
-        .unwrap()
-        .into_iter()
-        .find(|(r, _)| *r == reason)
-        .unwrap()
-        .1
 }
 
 /// The rewritten frame of a packet the program passes or transmits (checksums verified).

@@ -15,7 +15,7 @@ use dataplane_core::reconcile::MapWriter as _;
 use dataplane_core::translate::{BackendAddr, Frontend, FrontendSpec, Proto};
 
 mod common;
-use common::test_run;
+use common::{drops, test_run};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -72,15 +72,6 @@ fn add_service(dp: &mut Datapath, vip: &str, port: u16, proto: Proto, backends: 
 /// Runs one program on one frame; returns the verdict and the output frame.
 fn run(dp: &Datapath, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
     test_run(frame, |o| dp.program(prog).unwrap().test_run(o))
-}
-
-fn drops(dp: &Datapath, reason: DropReason) -> u64 {
-    dp.drops()
-        .unwrap()
-        .into_iter()
-        .find(|(r, _)| *r == reason)
-        .unwrap()
-        .1
 }
 
 fn ip(s: &str) -> Ipv4Addr {

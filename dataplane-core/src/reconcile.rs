@@ -189,6 +189,13 @@ impl Reconciler {
             return false;
         }
         self.local_addresses = addrs;
+        self.follows_local_addresses()
+    }
+
+    /// Whether NodePorts follow the node's interface addresses (`--nodeport-addresses` CIDRs),
+    /// so the caller has them to read.
+    #[must_use]
+    pub fn follows_local_addresses(&self) -> bool {
         matches!(self.nodeport_addresses, NodePortAddresses::Cidrs(_))
     }
 

@@ -202,8 +202,7 @@ fn extra_addresses(svc: &Service, warnings: &mut Vec<String>) -> Vec<(Ipv4Addr, 
         .and_then(|s| s.external_ips.as_ref())
         .into_iter()
         .flatten()
-        .map(|ip| ("externalIP", ip.as_str()));
-    let lb_from = external.clone().count();
+        .map(|ip| (Address::External, "externalIP", ip.as_str()));
     let ingress = svc
         .status
         .as_ref()
@@ -213,14 +212,9 @@ fn extra_addresses(svc: &Service, warnings: &mut Vec<String>) -> Vec<(Ipv4Addr, 
         .flatten()
         .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
         .filter_map(|i| i.ip.as_deref())
-        .map(|ip| ("loadBalancer ingress IP", ip));
+        .map(|ip| (Address::LoadBalancer, "loadBalancer ingress IP", ip));
     let mut out = Vec::new();
-    for (i, (what, ip)) in external.chain(ingress).enumerate() {
-        let kind = if i < lb_from {
-            Address::External
-        } else {
-            Address::LoadBalancer
-        };
+    for (kind, what, ip) in external.chain(ingress) {
         match ip.parse::<std::net::IpAddr>() {
             Ok(std::net::IpAddr::V4(v4)) => out.push((v4, kind)),
             Ok(std::net::IpAddr::V6(_)) => {}

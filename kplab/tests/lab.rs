@@ -670,25 +670,6 @@ fn health(from: &str, to: &str, path: &str) -> (u16, u64) {
     (code, body["localEndpoints"].as_u64().unwrap_or(u64::MAX))
 }
 
-fn probe_http(from: &str, to: &str, path: &str) -> Vec<Value> {
-    let out = ok(kplab(&[
-        "probe",
-        "--from",
-        from,
-        "--to",
-        to,
-        "--proto",
-        "tcp",
-        "--timeout-ms",
-        "500",
-        "--http",
-        path,
-    ]));
-    out.lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// (backend, client address it saw, without the port) of every connected probe.
 fn answers(results: &[Value]) -> std::collections::BTreeSet<(String, String)> {
     results
@@ -807,7 +788,7 @@ fn external_clients_reach_node_ports_and_load_balancer_ips_under_each_traffic_po
         assert_eq!(r.0, 200, "{node}: {r:?}");
         assert_eq!(r.1["nodeEligible"], true, "{r:?}");
         assert_eq!(http_get("ext", &format!("{node}:10256"), "/livez").0, 200);
-        let metrics = probe_http("ext", &format!("{node}:10249"), "/metrics");
+        let metrics = probe("ext", &format!("{node}:10249"), "tcp", 1);
         assert_ne!(metrics[0]["result"], "connected", "{metrics:?}");
     }
     // ...while pods and nodes reach it everywhere (in-cluster traffic ignores eTP).

@@ -1,6 +1,19 @@
-//! What the packet tests share: one BPF_PROG_TEST_RUN of a frame, whichever program.
+//! What the packet tests share: one BPF_PROG_TEST_RUN of a frame, whichever program, and the
+//! drop counters read back.
 use aya::programs::ProgramError;
 use aya::{TestRunOptions, TestRunResult};
+use dataplane_agent::datapath::Datapath;
+use dataplane_common::DropReason;
+
+/// Packets dropped for `reason`, summed over CPUs.
+pub fn drops(dp: &Datapath, reason: DropReason) -> u64 {
+    dp.drops()
+        .unwrap()
+        .into_iter()
+        .find(|(r, _)| *r == reason)
+        .unwrap()
+        .1
+}
 
 /// Runs `run` (a program's `test_run`) on `frame`; returns the verdict and the output frame.
 pub fn test_run(
