@@ -51,7 +51,10 @@ pub enum LabOutcome {
         /// Median of the paired (through the Service - direct) differences, and their IQR.
         overhead_p50_us: f64,
         overhead_iqr_us: f64,
+        /// wrk through the single-endpoint ClusterIP, and (alternating with it, same mode) to
+        /// that pod's own address.
         rps: f64,
+        rps_pod_ip: f64,
         gbps: f64,
         /// Seconds to program the mode (lab up for ours, the rules load for the baselines).
         load_s: Option<f64>,
@@ -321,32 +324,51 @@ pub fn paired(
     })
 }
 
-/// Paired latency from a node's own namespace and cgroup (a hostNetwork client): this program's
-/// `connect` step run through `kplab exec --on NODE`, to `service` and to the web pods.
-fn node_latency(
-    node: &str,
+/// `program args` run as the lab pod or node `on` runs it (`kplab exec --on`: its network
+/// namespace and cgroup, where the node's socket hooks see it); its standard output.
+fn exec_on(on: &str, program: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let me = std::env::current_exe()?;
+    let kplab = std::env::var_os("KPLAB_BIN")
+        .map_or_else(|| me.with_file_name("kplab"), std::path::PathBuf::from);
+    let out = std::process::Command::new(kplab)
+        .args(["exec", "--on", on, "--"])
+        .arg(program)
+        .args(args)
+        .output()
+        .context("starting kplab exec")?;
+    if !out.status.success() {
+        bail!(
+            "{} on {on}: {}",
+            program.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Paired latency from a lab pod or node (its namespace and cgroup): this program's `connect`
+/// step run through `kplab exec --on`, to `service` and to the web pods.
+fn client_latency(
+    on: &str,
     service: &[SocketAddr],
     p: &Plan,
     count: usize,
 ) -> anyhow::Result<Paired> {
     let me = std::env::current_exe()?;
-    let kplab = std::env::var_os("KPLAB_BIN")
-        .map_or_else(|| me.with_file_name("kplab"), std::path::PathBuf::from);
-    let out = std::process::Command::new(kplab)
-        .args(["exec", "--on", node, "--"])
-        .arg(&me)
-        .args(["connect", "--service", &join(service)])
-        .args(["--direct", &join(&p.web_pods)])
-        .args(["--count", &count.to_string()])
-        .output()
-        .context("starting kplab exec")?;
-    if !out.status.success() {
-        bail!(
-            "node client on {node}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    serde_json::from_slice(&out.stdout).context("reading the node client's figures")
+    let out = exec_on(
+        on,
+        &me,
+        &[
+            "connect",
+            "--service",
+            &join(service),
+            "--direct",
+            &join(&p.web_pods),
+            "--count",
+            &count.to_string(),
+        ],
+    )?;
+    serde_json::from_str(&out).context("reading the client's figures")
 }
 
 fn join(addrs: &[SocketAddr]) -> String {
@@ -357,13 +379,31 @@ fn join(addrs: &[SocketAddr]) -> String {
         .join(",")
 }
 
-/// Requests per second from wrk (8 keep-alive connections, one thread) for `seconds`.
-fn wrk(ns: &str, url: &str, seconds: u64) -> anyhow::Result<f64> {
+/// Rounds of wrk that alternate between a Service and the pod's own address.
+const WRK_ROUNDS: u64 = 3;
+
+/// Requests per second from wrk through `service` and to `direct`, alternating in
+/// `WRK_ROUNDS` rounds that share `seconds` (each at least 2 s), so both see the same drift;
+/// the mean rate of each.
+fn wrk_paired(on: &str, service: &str, direct: &str, seconds: u64) -> anyhow::Result<(f64, f64)> {
+    let each = (seconds / WRK_ROUNDS).max(2);
+    let (mut s, mut d) = (0.0, 0.0);
+    for _ in 0..WRK_ROUNDS {
+        s += wrk(on, service, each)?;
+        d += wrk(on, direct, each)?;
+    }
+    let n = WRK_ROUNDS as f64;
+    Ok((s / n, d / n))
+}
+
+/// Requests per second from wrk (8 keep-alive connections, one thread) for `seconds`, run as
+/// the lab pod `on`.
+fn wrk(on: &str, url: &str, seconds: u64) -> anyhow::Result<f64> {
     let cap = (seconds + 10).to_string();
     let d = format!("{seconds}s");
-    let out = netns::run(
-        ns,
-        "timeout",
+    let out = exec_on(
+        on,
+        Path::new("timeout"),
         &[&cap, "wrk", "-t1", "-c8", "-d", &d, "--timeout", "2s", url],
     )?;
     if out.contains("Non-2xx") || out.contains("Socket errors") {
@@ -375,14 +415,15 @@ fn wrk(ns: &str, url: &str, seconds: u64) -> anyhow::Result<f64> {
         .with_context(|| format!("no Requests/sec in wrk's output:\n{out}"))
 }
 
-/// TCP throughput from iperf3 (one stream) for `seconds`, Gbit/s received.
-fn iperf(ns: &str, ip: Ipv4Addr, seconds: u64) -> anyhow::Result<f64> {
+/// TCP throughput from iperf3 (one stream) for `seconds`, Gbit/s received, run as the lab pod
+/// `on`.
+fn iperf(on: &str, ip: Ipv4Addr, seconds: u64) -> anyhow::Result<f64> {
     let cap = (seconds + 10).to_string();
     let t = seconds.to_string();
     let ip = ip.to_string();
-    let out = netns::run(
-        ns,
-        "timeout",
+    let out = exec_on(
+        on,
+        Path::new("timeout"),
         &[&cap, "iperf3", "-c", &ip, "-p", "5201", "-t", &t, "-J"],
     )?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
@@ -409,21 +450,13 @@ fn load(ns: &str, loader: &[&str], file: &Path, cap: u64) -> anyhow::Result<Opti
 
 /// The namespaces a plan's measurements run in.
 struct Where {
-    client: String,
     node: String,
     node_name: String,
     external: String,
 }
 
-fn locate(plan: &Plan) -> anyhow::Result<Where> {
+fn locate() -> anyhow::Result<Where> {
     let state = kplab::state()?;
-    let client = state
-        .pods
-        .iter()
-        .find(|x| x.spec.key == plan.client)
-        .context("the client pod is in the lab")?
-        .netns
-        .clone();
     let external = state
         .externals
         .iter()
@@ -439,7 +472,6 @@ fn locate(plan: &Plan) -> anyhow::Result<Where> {
         &["route", "replace", NODE.2, "via", NODE.1, "dev", "eth0"],
     )?;
     Ok(Where {
-        client,
         node: state.nodes[0].netns.clone(),
         node_name: state.nodes[0].spec.name.clone(),
         external,
@@ -468,16 +500,20 @@ fn measure(
     } else {
         vec![p.web_vip]
     };
-    let (svc, pods, count) = (service.clone(), p.web_pods.clone(), o.connections);
-    let pod = in_netns(&at.client, move || paired(&svc, &pods, count))??;
+    let pod = client_latency(&p.client, &service, p, o.connections)?;
     let (web, iperf_ip) = if direct {
         (p.web_direct, p.iperf_direct)
     } else {
         (p.web_one_vip, p.iperf_vip)
     };
-    let rps = wrk(&at.client, &format!("http://{web}/"), o.seconds)?;
-    let gbps = iperf(&at.client, iperf_ip, o.seconds)?;
-    let node = node_latency(&at.node_name, &service, p, o.connections)?;
+    let (rps, rps_pod_ip) = wrk_paired(
+        &p.client,
+        &format!("http://{web}/"),
+        &format!("http://{}/", p.web_direct),
+        o.seconds,
+    )?;
+    let gbps = iperf(&p.client, iperf_ip, o.seconds)?;
+    let node = client_latency(&at.node_name, &service, p, o.connections)?;
     let external_service = if direct {
         service.clone()
     } else {
@@ -498,6 +534,7 @@ fn measure(
             overhead_p50_us: pod.overhead_p50_us,
             overhead_iqr_us: pod.overhead_iqr_us,
             rps,
+            rps_pod_ip,
             gbps,
             load_s,
             node,
@@ -543,8 +580,9 @@ fn capped_in_control(control: &[ModeSync], mode: &str, n: usize) -> bool {
         .any(|r| r.mode == mode && r.services <= n && r.full_sync_s.is_none())
 }
 
-/// One lab at the scale `dir` was generated for: up, ours, direct, then each baseline; the lab is
-/// left up for the caller to take down.
+/// One lab at the scale `dir` was generated for: up, ours (pods translated at the socket, the
+/// default), ours with pods translated by TC, direct, then each baseline; the lab is left up for
+/// the caller to take down.
 ///
 /// # Errors
 /// The lab could not be built, or a measurement failed.
@@ -565,8 +603,8 @@ pub fn scale(
         &[format!("{}={}", EXTERNAL.0, EXTERNAL.1)],
     )?;
     let up_s = t.elapsed().as_secs_f64();
-    let at = locate(&plan)?;
-    rows.push(measure(o, &plan, &at, "ours", Some(up_s))?);
+    let at = locate()?;
+    rows.push(measure(o, &plan, &at, "ours socket", Some(up_s))?);
     let pid = kplab::state()?.nodes[0].agent_pid;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let hwm_kb: f64 = status
@@ -578,6 +616,11 @@ pub fn scale(
         services: n,
         peak_rss_mb: hwm_kb / 1024.0,
     });
+    kplab::stop_agents()?;
+    let t = Instant::now();
+    kplab::start_agents(Some("tc".to_owned()))?;
+    let restart_s = t.elapsed().as_secs_f64();
+    rows.push(measure(o, &plan, &at, "ours tc", Some(restart_s))?);
     kplab::detach_datapath()?;
     rows.push(measure(o, &plan, &at, "direct", None)?);
 

@@ -139,16 +139,19 @@ fn lab(md: &mut String, d: &Value, out: &Path) -> anyhow::Result<()> {
          of N Services of 10 endpoints each (iptables walks KUBE-SERVICES half way), an iperf3 pod. Latency: a new TCP \
          connection plus one HTTP request and its response, through the ClusterIP; \"direct\" goes to the ten pods' \
          own addresses in turn (the floor); \"pod IP\" is the same with the mode loaded. Requests/s: wrk (1 thread, \
-         8 connections) against one nginx pod through a single-endpoint ClusterIP (direct: its address). \
+         8 connections) against one nginx pod through a single-endpoint ClusterIP (direct: its address), in \
+         three rounds alternating with wrk to the pod's own address in the same mode (the share in brackets). \
+         Every client runs in the client pod's network namespace and cgroup. \
          Throughput: iperf3, one stream, through a ClusterIP. Latency is paired: each round one connection \
          through the ClusterIP and one to a pod's own address, so both see the same moment; overhead = median \
          of the per-round differences, with their interquartile range (in \"direct\" both sides go to pods, \
-         the pairing's noise floor). Modes run in turn in the same lab: ours, then (programs detached) \
-         direct, nftables, iptables-nft, iptables-legacy.\n"
+         the pairing's noise floor). Modes run in turn in the same lab: ours socket (pods translated at \
+         connect(), the default), ours tc (agents restarted with `--pod-translation tc`: per packet on the \
+         pods' interfaces), then (programs detached) direct, nftables, iptables-nft, iptables-legacy.\n"
     );
     let _ = writeln!(
         md,
-        "| Services | mode | p50 us | p99 us | overhead p50 us (IQR) | pod IP p50 us | requests/s | Gbit/s (of direct) |\n|---|---|---|---|---|---|---|---|"
+        "| Services | mode | p50 us | p99 us | overhead p50 us (IQR) | pod IP p50 us | requests/s (of pod IP) | Gbit/s (of direct) |\n|---|---|---|---|---|---|---|---|"
     );
     let direct = |n: &Value, key: &str| {
         rows.iter()
@@ -172,15 +175,19 @@ fn lab(md: &mut String, d: &Value, out: &Path) -> anyhow::Result<()> {
         let share = gbps
             .zip(direct(&r["services"], "gbps"))
             .map_or(String::new(), |(a, b)| format!(" ({:.0}%)", 100.0 * a / b));
+        let rps = f(&r["rps"]);
+        let rps_share = rps
+            .zip(f(&r["rps_pod_ip"]))
+            .map_or(String::new(), |(a, b)| format!(" ({:.1}%)", 100.0 * a / b));
         let _ = writeln!(
             md,
-            "| {} | {mode} | {} | {} | {} | {} | {} | {}{share} |",
+            "| {} | {mode} | {} | {} | {} | {} | {}{rps_share} | {}{share} |",
             r["services"],
             fmt(p50, 1),
             fmt(f(&r["p99_us"]), 1),
             overhead,
             fmt(f(&r["pod_ip_p50_us"]), 1),
-            fmt(f(&r["rps"]), 0),
+            fmt(rps, 0),
             fmt(gbps, 2),
         );
         if let (Some(p), Some(n)) = (p50, f(&r["services"])) {

@@ -62,6 +62,30 @@ pub struct Config {
     pub snat_ports: (u16, u16),
     /// XDP in the driver where it has it (else generic).
     pub xdp_mode_native: bool,
+    /// How pods' connections to Services are translated.
+    pub pod_translation: PodTranslation,
+}
+
+/// How pods' connections to Services are translated (see ARCHITECTURE.md for the measurement
+/// that chose the default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodTranslation {
+    /// At connect()/sendmsg(), by the socket hooks on the node's cgroup (which must hold the
+    /// pods): established flows pay no translation per packet; TC translates what no hook saw.
+    Socket,
+    /// Per packet, by TC on each pod's interface.
+    Tc,
+}
+
+impl PodTranslation {
+    /// The name the flag and the status use.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Socket => "socket",
+            Self::Tc => "tc",
+        }
+    }
 }
 
 /// Where the objects come from.
@@ -77,6 +101,7 @@ pub enum Source {
 pub struct Agent {
     node: String,
     socket_cgroup: Option<PathBuf>,
+    pod_translation: PodTranslation,
     external_interfaces: Vec<String>,
     snat_ports: (u16, u16),
     xdp_native: bool,
@@ -97,6 +122,7 @@ impl Agent {
             pipeline: Pipeline::for_node(&node, nodeport_addresses),
             node,
             socket_cgroup: None,
+            pod_translation: PodTranslation::Tc,
             external_interfaces: Vec::new(),
             snat_ports: DEFAULT_SNAT_PORTS,
             xdp_native: true,
@@ -210,10 +236,16 @@ impl Agent {
         }
     }
 
-    /// Puts the socket hooks on `cgroup` once the first batch is programmed.
+    /// Puts the socket hooks on `cgroup` once the first batch is programmed; with
+    /// `PodTranslation::Socket` they translate the pods' sockets too once attached.
     #[must_use]
-    pub fn with_socket_cgroup(mut self, cgroup: Option<PathBuf>) -> Self {
+    pub fn with_socket_cgroup(
+        mut self,
+        cgroup: Option<PathBuf>,
+        pod_translation: PodTranslation,
+    ) -> Self {
         self.socket_cgroup = cgroup;
+        self.pod_translation = pod_translation;
         self
     }
 
@@ -224,7 +256,15 @@ impl Agent {
             return;
         };
         match self.datapath.attach_cgroup(&cgroup) {
-            Ok(true) => info!(cgroup = %cgroup.display(), "socket hooks attached"),
+            Ok(true) => {
+                info!(cgroup = %cgroup.display(), pods = self.pod_translation.name(), "socket hooks attached");
+                if self.pod_translation == PodTranslation::Socket
+                    && let Err(e) = self.datapath.set_socket_pods(true)
+                {
+                    warn!(error = %format_args!("{e:#}"), "pods stay translated by TC");
+                    self.pipeline.count_error("map_write", 1);
+                }
+            }
             Ok(false) => {}
             Err(e) => {
                 warn!(cgroup = %cgroup.display(), error = %format_args!("{e:#}"), "socket hooks not attached");
@@ -355,6 +395,15 @@ impl Agent {
             },
         );
         status.last_programmed.clone_from(&self.last_programmed);
+        status.pod_translation = Some(
+            if self.datapath.socket_pods() {
+                PodTranslation::Socket
+            } else {
+                PodTranslation::Tc
+            }
+            .name()
+            .to_owned(),
+        );
         status.external_interfaces = self
             .datapath
             .external()
@@ -445,7 +494,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         datapath,
         config.nodeport_addresses.clone(),
     )
-    .with_socket_cgroup(config.socket_cgroup.clone())
+    .with_socket_cgroup(config.socket_cgroup.clone(), config.pod_translation)
     .with_external(
         config.external_interfaces.clone(),
         config.snat_ports,

@@ -19,7 +19,7 @@ use aya::{
     },
 };
 use dataplane_common::{
-    Backend, CtKey, CtValue, DropReason, NodeConfig, ServiceKey, ServiceValue, SourceRangeKey,
+    Backend, CtKey, CtValue, DropReason, NODE_FLAG_SOCKET_PODS, NodeConfig, ServiceKey, ServiceValue, SourceRangeKey,
     SvcStats, map_names, prog_names,
 };
 
@@ -429,6 +429,34 @@ impl Datapath {
             .context("writing the node's SNAT settings")?;
         self.node_config = config;
         Ok(true)
+    }
+
+    /// Lets the socket hooks translate the sockets of the node's pods too
+    /// (`NODE_FLAG_SOCKET_PODS`), or only the node's own.
+    ///
+    /// # Errors
+    /// The map write failed.
+    pub fn set_socket_pods(&mut self, on: bool) -> anyhow::Result<()> {
+        let flags = if on {
+            self.node_config.flags | NODE_FLAG_SOCKET_PODS
+        } else {
+            self.node_config.flags & !NODE_FLAG_SOCKET_PODS
+        };
+        let config = NodeConfig {
+            flags,
+            ..self.node_config
+        };
+        self.node
+            .set(0, config, 0)
+            .context("writing the node's socket translation flags")?;
+        self.node_config = config;
+        Ok(())
+    }
+
+    /// Whether the socket hooks translate the node's pods' sockets.
+    #[must_use]
+    pub fn socket_pods(&self) -> bool {
+        self.node_config.flags & NODE_FLAG_SOCKET_PODS != 0
     }
 
     /// Unpins links an earlier agent left for interfaces this one does not attach to.

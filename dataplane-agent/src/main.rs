@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use dataplane_agent::agent::{Config, Source, run};
+use dataplane_agent::agent::{Config, PodTranslation, Source, run};
 use dataplane_core::reconcile::NodePortAddresses;
 
 /// `MIN-MAX`, inclusive.
@@ -99,6 +99,11 @@ struct RunArgs {
     /// generic where the driver has no XDP) or `generic` (in the kernel's receive path).
     #[arg(long, env = "DATAPLANE_XDP_MODE", default_value = "native", value_parser = ["native", "generic"])]
     xdp_mode: String,
+    /// How pods' connections to Services are translated: `socket` (at connect()/sendmsg() by
+    /// the socket hooks, which needs --socket-cgroup holding the pods; TC catches the rest) or
+    /// `tc` (per packet on each pod's interface). Default: socket with --socket-cgroup, else tc.
+    #[arg(long, env = "DATAPLANE_POD_TRANSLATION", value_parser = ["socket", "tc"])]
+    pod_translation: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -137,7 +142,15 @@ fn main_inner() -> anyhow::Result<()> {
                 nodeport_addresses,
                 snat_ports,
                 xdp_mode,
+                pod_translation,
             } = *args;
+            let pod_translation = match (pod_translation.as_deref(), &socket_cgroup) {
+                (Some("socket"), None) => {
+                    anyhow::bail!("--pod-translation socket needs --socket-cgroup")
+                }
+                (Some("socket") | None, Some(_)) => PodTranslation::Socket,
+                _ => PodTranslation::Tc,
+            };
             let config = Config {
                 node_name,
                 source: match manifests {
@@ -154,6 +167,7 @@ fn main_inner() -> anyhow::Result<()> {
                 nodeport_addresses,
                 snat_ports,
                 xdp_mode_native: xdp_mode == "native",
+                pod_translation,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -149,7 +149,18 @@ fn node_clients_reach_services_at_the_socket_and_see_only_the_service_address() 
     serve(ns.name());
     std::thread::sleep(Duration::from_millis(200));
 
-    let out = client(ns.name(), Some(cg.path()));
+    assert_translated(&client(ns.name(), Some(cg.path())));
+
+    // Outside the cgroup nothing is translated: the Service address is not routed here.
+    let outside = client(ns.name(), None);
+    assert!(outside["tcp"]["error"].is_string(), "{outside}");
+    assert!(outside["udp_connected"]["error"].is_string(), "{outside}");
+    drop(dp);
+}
+
+/// A client's outcome when every socket was translated: each kind reaches a backend, sees
+/// only the Service address, spreads over both backends, and the empty Service refuses.
+fn assert_translated(out: &Value) {
     let vip_port = |port: u16| json!([VIP, port]);
     assert!(
         BACKENDS.contains(&out["tcp"]["backend"].as_str().unwrap()),
@@ -185,9 +196,52 @@ fn node_clients_reach_services_at_the_socket_and_see_only_the_service_address() 
         "no endpoints: refused"
     );
 
-    // Outside the cgroup nothing is translated: the Service address is not routed here.
-    let outside = client(ns.name(), None);
-    assert!(outside["tcp"]["error"].is_string(), "{outside}");
-    assert!(outside["udp_connected"]["error"].is_string(), "{outside}");
+}
+
+/// `--pod-translation socket`: a pod's sockets (another network namespace under the hooks'
+/// cgroup) are translated once `NODE_FLAG_SOCKET_PODS` is set, and left to TC before.
+#[test]
+fn pod_sockets_are_translated_at_the_socket_only_when_pod_translation_is_socket() {
+    assert_eq!(
+        // SAFETY: plain syscall.
+        unsafe { libc::geteuid() },
+        0,
+        "socket hook tests attach cgroup programs: run as root"
+    );
+    let id = std::process::id();
+    let node = Netns::create(format!("kpsn-{id}")).unwrap();
+    let pod = Netns::create(format!("kpsp-{id}")).unwrap();
+    for addr in BACKENDS {
+        pod.run("ip", &["addr", "add", &format!("{addr}/32"), "dev", "lo"])
+            .unwrap();
+    }
+    let cg = Cgroup::create(&format!("kpsp-{id}")).unwrap();
+    let pod_cg = Cgroup::create(&format!("kpsp-{id}/pod")).unwrap();
+    let name = node.name().to_owned();
+    let cg_path = cg.path().to_path_buf();
+    let mut dp = std::thread::spawn(move || {
+        netns::enter(&name).unwrap();
+        let mut dp = Datapath::load().expect("load eBPF object");
+        program(&mut dp);
+        assert!(dp.attach_cgroup(&cg_path).expect("attach socket hooks"));
+        dp
+    })
+    .join()
+    .unwrap();
+    serve(pod.name());
+    std::thread::sleep(Duration::from_millis(200));
+
+    let before = client(pod.name(), Some(pod_cg.path()));
+    assert!(
+        before["tcp"]["error"].is_string(),
+        "pod sockets are TC's until the flag is set: {before}"
+    );
+    assert!(!dp.socket_pods());
+    dp.set_socket_pods(true).unwrap();
+    assert!(dp.socket_pods());
+    assert_translated(&client(pod.name(), Some(pod_cg.path())));
+    dp.set_socket_pods(false).unwrap();
+    let after = client(pod.name(), Some(pod_cg.path()));
+    assert!(after["tcp"]["error"].is_string(), "{after}");
     drop(dp);
 }

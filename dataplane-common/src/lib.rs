@@ -41,7 +41,7 @@ pub mod map_names {
     pub const SVC_STATS: &str = "SVC_STATS_V1";
     pub const CLOCK: &str = "CLOCK_V1";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT_V1";
-    pub const NODE: &str = "NODE_V2";
+    pub const NODE: &str = "NODE_V3";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES_V1";
 }
 

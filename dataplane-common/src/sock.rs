@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  SOCK_REVNAT {socket cookie, backend addr, backend port} --> {frontend addr, port, rev_nat_id}
-//!  NODE        [0] --> {node netns cookie, SNAT address, SNAT port range}
+//!  NODE        [0] --> {node netns cookie, SNAT address, SNAT port range, flags}
 //! ```
 
 /// Key of `SOCK_REVNAT`: a socket and the backend it was sent to.
@@ -43,11 +43,19 @@ pub struct NodeConfig {
     /// `ip_local_port_range`, so they never collide with the node's own connections.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// `NODE_FLAG_*`.
+    pub flags: u32,
+    pub pad: u32,
 }
+
+/// `NODE.flags`: the socket hooks translate the sockets of every network namespace under their
+/// cgroup (the node's pods too), not only the node's own; the pods' TC programs then see flows
+/// already addressed to the backend, and translate only what no hook saw.
+pub const NODE_FLAG_SOCKET_PODS: u32 = 1;
 
 const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
 const _: () = assert!(core::mem::size_of::<SockRevValue>() == 8);
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 24);
 
 #[cfg(feature = "user")]
 // SAFETY: `#[repr(C)]`, `Copy`, explicit padding fields and no pointers: any bit pattern is a valid

@@ -217,6 +217,7 @@ impl Pipeline {
             ]),
             interfaces: kernel.interfaces,
             cgroups: kernel.cgroups,
+            pod_translation: None,
             errors: by_label(self.errors.clone()),
             drops: by_label(kernel.drops),
             sync_latency: self.sync_latency.clone(),

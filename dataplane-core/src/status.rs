@@ -90,6 +90,10 @@ pub struct Status {
     /// The cgroups the socket hooks are attached to.
     #[serde(default)]
     pub cgroups: Vec<String>,
+    /// How pods' connections to Services are translated: `socket` (at connect()/sendmsg(), TC
+    /// catching the rest) or `tc` (per packet on their interfaces).
+    #[serde(default)]
+    pub pod_translation: Option<String>,
     /// Problems by label: skipped objects, map write and attach failures.
     pub errors: BTreeMap<Label, u64>,
     pub drops: BTreeMap<Label, u64>,

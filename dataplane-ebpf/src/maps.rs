@@ -48,7 +48,7 @@ pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
 
 /// This node's settings: its netns cookie (socket hooks), its source-NAT address and ports
 /// (external traffic to remote backends). Written by the agent.
-#[map(name = "NODE_V2")]
+#[map(name = "NODE_V3")]
 pub static NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
 /// `loadBalancerSourceRanges`: {frontend's reverse-NAT id, client prefix} for frontends whose

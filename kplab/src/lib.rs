@@ -76,6 +76,10 @@ pub enum LabCmd {
         /// without our datapath (to compare, or to run an agent of your own in a node).
         #[arg(long)]
         detach: bool,
+        /// With `start`: the agents' `--pod-translation` (`socket` or `tc`), kept for later
+        /// starts; unset keeps the lab's (the agent's default at first).
+        #[arg(long, value_parser = ["socket", "tc"])]
+        pod_translation: Option<String>,
     },
     /// Remove everything the lab created.
     Down,
@@ -151,6 +155,9 @@ pub struct State {
     pub created: Vec<api::Created>,
     #[serde(default)]
     pub relay_pids: Vec<u32>,
+    /// The agents' `--pod-translation`; `None` leaves the agent's default.
+    #[serde(default)]
+    pub pod_translation: Option<String>,
 }
 
 impl State {
@@ -248,12 +255,18 @@ pub fn main(cmd: LabCmd) -> anyhow::Result<()> {
             demo::run(&manifests)
         }
         LabCmd::Relay { listen, to } => api::relay(&listen, &to),
-        LabCmd::Agents { action, detach } => {
+        LabCmd::Agents {
+            action,
+            detach,
+            pod_translation,
+        } => {
             require_root()?;
-            match (action.as_str(), detach) {
-                ("stop", true) => detach_datapath(),
-                (_, true) => bail!("--detach goes with `agents stop`"),
-                _ => agents(&action),
+            match (action.as_str(), detach, pod_translation) {
+                ("stop", true, None) => detach_datapath(),
+                ("stop", false, None) => stop_agents(),
+                ("start", false, p) => start_agents(p),
+                ("stop", _, Some(_)) => bail!("--pod-translation goes with `agents start`"),
+                _ => bail!("--detach goes with `agents stop`"),
             }
         }
         LabCmd::Apply { dir } => {
@@ -398,7 +411,12 @@ pub fn up(
         }
         route_external_addresses(&state)?;
         for node in &mut state.nodes {
-            node.agent_pid = start_agent(node, &programs.agent, state.kubeconfig.is_some())?;
+            node.agent_pid = start_agent(
+                node,
+                &programs.agent,
+                state.kubeconfig.is_some(),
+                state.pod_translation.as_deref(),
+            )?;
         }
         state.save()?;
         wait_programmed(&state, &cluster.files)?;
@@ -502,7 +520,12 @@ fn node_netns(state: &State, node: &str) -> anyhow::Result<String> {
         .with_context(|| format!("node {node} is not in the lab"))
 }
 
-fn start_agent(node: &NodeState, agent: &Path, kubernetes: bool) -> anyhow::Result<u32> {
+fn start_agent(
+    node: &NodeState,
+    agent: &Path,
+    kubernetes: bool,
+    pod_translation: Option<&str>,
+) -> anyhow::Result<u32> {
     let dir = home().join("nodes").join(&node.spec.name);
     std::fs::create_dir_all(&dir)?;
     let (source, from) = if kubernetes {
@@ -527,6 +550,9 @@ fn start_agent(node: &NodeState, agent: &Path, kubernetes: bool) -> anyhow::Resu
     ];
     if let Some(cg) = &node.cgroup {
         args.extend(["--socket-cgroup".to_owned(), cg.display().to_string()]);
+    }
+    if let Some(p) = pod_translation {
+        args.extend(["--pod-translation".to_owned(), p.to_owned()]);
     }
     // Generic XDP: a veth's native XDP_TX hands frames to its peer's NAPI, which a plain bridge
     // port does not run, so forwarded frames were lost (see ARCHITECTURE.md).
@@ -739,29 +765,47 @@ pub fn apply(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `lab agents stop|start`: with the agents stopped, the pinned programs and conntrack keep
-/// serving; started again, each agent swaps its programs into the pinned links once programmed.
-fn agents(action: &str) -> anyhow::Result<()> {
+/// `lab agents stop`: with the agents stopped, the pinned programs and conntrack keep serving.
+///
+/// # Errors
+/// The lab is not up, or its state cannot be saved.
+pub fn stop_agents() -> anyhow::Result<()> {
     let mut state = State::load()?;
-    if action == "stop" {
-        topology::stop(state.nodes.iter().map(|n| n.agent_pid));
-        for node in &mut state.nodes {
-            node.agent_pid = 0;
-            let _ = std::fs::remove_file(
-                home()
-                    .join("nodes")
-                    .join(&node.spec.name)
-                    .join("status.json"),
-            );
-        }
-        state.save()?;
-        eprintln!("lab: agents stopped");
-        return Ok(());
+    topology::stop(state.nodes.iter().map(|n| n.agent_pid));
+    for node in &mut state.nodes {
+        node.agent_pid = 0;
+        let _ = std::fs::remove_file(
+            home()
+                .join("nodes")
+                .join(&node.spec.name)
+                .join("status.json"),
+        );
+    }
+    state.save()?;
+    eprintln!("lab: agents stopped");
+    Ok(())
+}
+
+/// `lab agents start`: each stopped agent starts again and swaps its programs into the pinned
+/// links once programmed; `pod_translation` (if given) becomes the lab's for this and later
+/// starts. Returns once every agent programmed the lab's objects.
+///
+/// # Errors
+/// The lab is not up, or an agent did not start or converge.
+pub fn start_agents(pod_translation: Option<String>) -> anyhow::Result<()> {
+    let mut state = State::load()?;
+    if pod_translation.is_some() {
+        state.pod_translation = pod_translation;
     }
     let agent = programs()?.agent;
     for node in &mut state.nodes {
         if !topology::alive(node.agent_pid) {
-            node.agent_pid = start_agent(node, &agent, state.kubeconfig.is_some())?;
+            node.agent_pid = start_agent(
+                node,
+                &agent,
+                state.kubeconfig.is_some(),
+                state.pod_translation.as_deref(),
+            )?;
         }
     }
     state.save()?;
@@ -781,7 +825,7 @@ fn agents(action: &str) -> anyhow::Result<()> {
 /// # Errors
 /// The lab is not up, or a pin could not be removed.
 pub fn detach_datapath() -> anyhow::Result<()> {
-    agents("stop")?;
+    stop_agents()?;
     let pins = home().join("bpf");
     for entry in std::fs::read_dir(&pins)? {
         // Each node's pins are in a directory; the files beside them are bpffs's own.

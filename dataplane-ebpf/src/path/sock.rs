@@ -10,8 +10,11 @@
 //!  getpeername4                    backend -> frontend
 //! ```
 //!
-//! Sockets of other network namespaces are left alone (pods under the hooks' cgroup are the TC
-//! programs' business): `NODE` holds the node's netns cookie. A frontend with no ready endpoint
+//! Which sockets: those of the node's own network namespace (`NODE` holds its cookie) always;
+//! those of other namespaces under the hooks' cgroup (the node's pods) only with
+//! `NODE_FLAG_SOCKET_PODS` (`--pod-translation socket`), else they are the TC programs' business.
+//! A pod socket to a frontend with `loadBalancerSourceRanges` is left to TC too: the source
+//! address is not chosen yet at connect(). A frontend with no ready endpoint
 //! refuses the connect or send with ECONNREFUSED, as kube-proxy's REJECT makes a client see; one
 //! with no local endpoint under `internalTrafficPolicy: Local` fails it with EHOSTUNREACH.
 use aya_ebpf::{
@@ -20,7 +23,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use dataplane_common::{
-    DropReason, PROTO_TCP, PROTO_UDP, SCOPE_CLUSTER, SVC_FLAG_DROP_EMPTY, SockRevKey, SockRevValue,
+    DropReason, NODE_FLAG_SOCKET_PODS, PROTO_TCP, PROTO_UDP, SCOPE_CLUSTER, SVC_FLAG_DROP_EMPTY,
+    SVC_FLAG_SOURCE_RANGES, SockRevKey, SockRevValue,
 };
 
 use crate::counters::count_drop;
@@ -34,21 +38,36 @@ const REFUSE: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 const EHOSTUNREACH: i32 = 113;
 
+/// Whose socket the hook runs for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Node,
+    Pod,
+}
+
+/// The socket's owner, or `None` for a socket the hooks leave alone.
 #[inline(always)]
-fn is_node_socket(ctx: &SockAddrContext) -> bool {
-    let Some(node) = NODE.get(0) else {
-        return false;
-    };
+fn owner(ctx: &SockAddrContext) -> Option<Owner> {
+    let node = NODE.get(0)?;
+    if node.netns_cookie == 0 {
+        return None;
+    }
     // SAFETY: helper call on the program's own context.
-    node.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == node.netns_cookie
+    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == node.netns_cookie {
+        Some(Owner::Node)
+    } else if node.flags & NODE_FLAG_SOCKET_PODS != 0 {
+        Some(Owner::Pod)
+    } else {
+        None
+    }
 }
 
 /// connect4 and sendmsg4: a Service frontend as destination becomes one of its backends.
 #[inline(always)]
 pub fn try_forward(ctx: &SockAddrContext) -> Result<i32, DropReason> {
-    if !is_node_socket(ctx) {
+    let Some(owner) = owner(ctx) else {
         return Ok(PROCEED);
-    }
+    };
     // SAFETY: the kernel hands the hook a valid `bpf_sock_addr` for the duration of the run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let proto = sa.protocol as u8;
@@ -64,6 +83,9 @@ pub fn try_forward(ctx: &SockAddrContext) -> Result<i32, DropReason> {
     let Some(header) = lb::lookup(&frontend) else {
         return Ok(PROCEED);
     };
+    if owner == Owner::Pod && header.flags & SVC_FLAG_SOURCE_RANGES != 0 {
+        return Ok(PROCEED);
+    }
     if header.count == 0 {
         // No local endpoint (`internalTrafficPolicy: Local`) is a drop on the packet paths; at
         // the socket there is no packet to drop, and sending the untranslated one would route
@@ -103,7 +125,7 @@ pub fn try_forward(ctx: &SockAddrContext) -> Result<i32, DropReason> {
 /// hooks cannot fail a syscall; they only ever rewrite.
 #[inline(always)]
 pub fn reverse(ctx: &SockAddrContext) -> i32 {
-    if !is_node_socket(ctx) {
+    if owner(ctx).is_none() {
         return PROCEED;
     }
     // SAFETY: as in `try_forward`.
