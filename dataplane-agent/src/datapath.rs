@@ -19,8 +19,8 @@ use aya::{
     },
 };
 use dataplane_common::{
-    Backend, CtKey, CtValue, DropReason, NODE_FLAG_SOCKET_PODS, NodeConfig, ServiceKey, ServiceValue, SourceRangeKey,
-    SvcStats, map_names, prog_names,
+    Backend, CtKey, CtValue, DropReason, NODE_FLAG_SOCKET_PODS, NodeConfig, ServiceKey,
+    ServiceValue, SourceRangeKey, SvcStats, map_names, prog_names,
 };
 
 /// The socket hooks, attached together to one cgroup.
@@ -595,7 +595,7 @@ impl Datapath {
             .collect()
     }
 
-    /// Packets and bytes sent towards one service port, summed over CPUs.
+    /// Packets, bytes and flows towards one service port, summed over CPUs.
     ///
     /// # Errors
     /// The map could not be read.
@@ -604,6 +604,7 @@ impl Datapath {
         Ok(per_cpu.iter().fold(SvcStats::default(), |acc, s| SvcStats {
             packets: acc.packets + s.packets,
             bytes: acc.bytes + s.bytes,
+            flows: acc.flows + s.flows,
         }))
     }
 

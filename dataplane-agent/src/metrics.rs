@@ -116,7 +116,8 @@ pub fn render(s: &Status) -> String {
         &mut o,
         "dataplane_service_packets_total",
         "counter",
-        "Packets sent towards each service frontend.",
+        "Packets the per-packet programs (TC, XDP) sent towards each service frontend (flows \
+         translated at the socket send theirs straight to the backend and are not counted here).",
     );
     for svc in &s.services {
         let _ = writeln!(
@@ -125,6 +126,22 @@ pub fn render(s: &Status) -> String {
             esc(&svc.service),
             esc(&svc.frontend),
             svc.packets
+        );
+    }
+    family(
+        &mut o,
+        "dataplane_service_flows_total",
+        "counter",
+        "Flows translated to a backend of each service frontend: connections and unconnected \
+         sends at the socket hooks, new flows on the packet paths.",
+    );
+    for svc in &s.services {
+        let _ = writeln!(
+            o,
+            "dataplane_service_flows_total{{service=\"{}\",frontend=\"{}\"}} {}",
+            esc(&svc.service),
+            esc(&svc.frontend),
+            svc.flows
         );
     }
     o
@@ -168,6 +185,7 @@ mod tests {
             backends: vec![],
             packets: 4,
             bytes: 9,
+            flows: 2,
         });
         let text = render(&s);
         let families: Vec<&str> = text
@@ -187,5 +205,8 @@ mod tests {
         }
         assert!(text.contains("service=\"ns/a\\\"b\""));
         assert!(text.contains("dataplane_map_capacity{map=\"SERVICES_V1\"} 10"));
+        assert!(text.contains(
+            "dataplane_service_flows_total{service=\"ns/a\\\"b\",frontend=\"10.96.0.1:80/TCP\"} 2"
+        ));
     }
 }

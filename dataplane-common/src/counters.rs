@@ -5,8 +5,12 @@
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SvcStats {
+    /// Packets the per-packet programs (TC, XDP) sent towards the frontend, and their bytes.
     pub packets: u64,
     pub bytes: u64,
+    /// Flows translated to one of its backends: new connections and unconnected sends at the
+    /// socket hooks, new flows on the packet paths.
+    pub flows: u64,
 }
 
 /// Why the datapath dropped or rejected a packet. Index into `DROPS`.
@@ -73,7 +77,7 @@ impl DropReason {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<SvcStats>() == 16);
+const _: () = assert!(core::mem::size_of::<SvcStats>() == 24);
 
 #[cfg(feature = "user")]
 // SAFETY: `#[repr(C)]`, `Copy`, explicit padding fields and no pointers: any bit pattern is a valid

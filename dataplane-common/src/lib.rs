@@ -8,7 +8,7 @@
 //!                                                         snat addr/port}
 //!  SOURCE_RANGES LPM {rev_nat_id, client prefix} --> () (loadBalancerSourceRanges)
 //!  DROPS     per-CPU [DropReason] --> packets
-//!  SVC_STATS per-CPU [rev_nat_id] --> {packets, bytes}
+//!  SVC_STATS per-CPU [rev_nat_id] --> {packets, bytes, flows}
 //!  CLOCK     [0] --> CLOCK_MONOTONIC ns, written by the agent (conntrack timestamps)
 //!  SOCK_REVNAT {cookie, backend addr, port} --> {frontend addr, port, rev_nat_id} (socket hooks)
 //!  NODE      [0] --> {node netns cookie, SNAT address and ports}, written by the agent
@@ -38,7 +38,7 @@ pub mod map_names {
     pub const BACKENDS: &str = "BACKENDS_V1";
     pub const CONNTRACK: &str = "CONNTRACK_V2";
     pub const DROPS: &str = "DROPS_V1";
-    pub const SVC_STATS: &str = "SVC_STATS_V1";
+    pub const SVC_STATS: &str = "SVC_STATS_V2";
     pub const CLOCK: &str = "CLOCK_V1";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT_V1";
     pub const NODE: &str = "NODE_V3";

@@ -188,6 +188,7 @@ impl Pipeline {
                         .collect(),
                     packets: stats.packets,
                     bytes: stats.bytes,
+                    flows: stats.flows,
                 }
             })
             .collect();

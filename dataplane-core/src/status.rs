@@ -65,6 +65,10 @@ pub struct ServiceStatus {
     pub backends: Vec<String>,
     pub packets: u64,
     pub bytes: u64,
+    /// Flows translated to a backend (connections and unconnected sends at the socket, new
+    /// flows on the packet paths).
+    #[serde(default)]
+    pub flows: u64,
 }
 
 /// What the agent reports about itself.

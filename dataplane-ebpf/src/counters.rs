@@ -49,6 +49,15 @@ pub fn count_drop(reason: DropReason) {
     }
 }
 
+/// One flow translated to a backend of the frontend `rev_nat_id`.
+#[inline(always)]
+pub fn count_flow(rev_nat_id: u16) {
+    if let Some(stats) = SVC_STATS.get_ptr_mut(u32::from(rev_nat_id)) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { (*stats).flows += 1 };
+    }
+}
+
 #[inline(always)]
 pub fn count_service(rev_nat_id: u16, bytes: u32) {
     if let Some(stats) = SVC_STATS.get_ptr_mut(u32::from(rev_nat_id)) {

@@ -29,8 +29,8 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(
 #[map(name = "DROPS_V1")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
 
-/// Packets and bytes towards each service port, by reverse-NAT id. Written by the datapath.
-#[map(name = "SVC_STATS_V1")]
+/// Packets, bytes and translated flows towards each service port, by reverse-NAT id. Written by the datapath.
+#[map(name = "SVC_STATS_V2")]
 pub static SVC_STATS: PerCpuArray<SvcStats> = PerCpuArray::with_max_entries(MAX_REV_NAT_IDS, 0);
 
 /// CLOCK_MONOTONIC in ns, written by the agent several times a second: conntrack timestamps need

@@ -345,7 +345,7 @@ fn clusterip_from_both_nodes_reaches_every_ready_backend_with_the_client_address
         .as_str()
         .unwrap()
         .to_owned();
-    let mut web_packets = 0;
+    let mut web_flows = 0;
     for _ in 0..30 {
         let out = netns::command(&node_ns, "curl")
             .args(["-sS", "-m", "3", "http://127.0.0.1:10249/metrics"])
@@ -356,19 +356,19 @@ fn clusterip_from_both_nodes_reaches_every_ready_backend_with_the_client_address
             metrics.lines().any(|l| l == "dataplane_ready 1"),
             "{metrics}"
         );
-        web_packets = metrics
+        web_flows = metrics
             .lines()
-            .find(|l| l.starts_with("dataplane_service_packets_total{service=\"t/web\""))
+            .find(|l| l.starts_with("dataplane_service_flows_total{service=\"t/web\""))
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
             .expect("web service counter");
-        if web_packets >= 40 * 3 {
+        if web_flows >= 40 {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
-        web_packets >= 40 * 3,
-        "client-a's 40 connections went through node-a: {web_packets}"
+        web_flows >= 40,
+        "client-a's 40 connections were translated on node-a: {web_flows}"
     );
 }
 
@@ -1111,7 +1111,34 @@ fn agent_restarts_keep_connections_and_the_datapath() {
         "the new agent programmed every backend"
     );
     assert_eq!((attached("node-a"), attached("node-b")), (3, 4));
+    assert_eq!(pod_translation(), ["socket", "socket"], "the lab's default");
+
+    // Switching how pods are translated is a restart too: the held connection (opened outside
+    // the pod's cgroup, so TC's) keeps its backend, and new ones go through TC.
+    ok(kplab(&["agents", "stop"]));
+    ok(kplab(&["agents", "start", "--pod-translation", "tc"]));
+    assert_eq!(pod_translation(), ["tc", "tc"]);
+    assert_eq!(held.ask(), backend, "kept across the switch");
+    let r = probe("t/client-a", WEB_VIP, "tcp", 40);
+    assert!(r.iter().all(|r| r["result"] == "connected"), "{r:?}");
+    assert_eq!(backends(&r).len(), 3);
+    ok(kplab(&["agents", "stop"]));
+    ok(kplab(&["agents", "start", "--pod-translation", "socket"]));
+    assert_eq!(pod_translation(), ["socket", "socket"]);
+    assert_eq!(held.ask(), backend, "and back");
     assert_eq!(checksum_errors(), 0);
+}
+
+/// Each node agent's `pod_translation`, from its status file.
+fn pod_translation() -> Vec<String> {
+    ["node-a", "node-b"]
+        .iter()
+        .map(|n| {
+            let path = format!("/run/{LAB}/nodes/{n}/status.json");
+            let v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            v["pod_translation"].as_str().unwrap_or("?").to_owned()
+        })
+        .collect()
 }
 
 #[test]

@@ -58,7 +58,14 @@ fn quick_bench_measures_every_mode_and_writes_the_report() {
         "iptables-legacy",
     ] {
         let row = lab.iter().find(|r| r["mode"] == mode).unwrap();
-        for key in ["p50_us", "p99_us", "pod_ip_p50_us", "rps", "rps_pod_ip", "gbps"] {
+        for key in [
+            "p50_us",
+            "p99_us",
+            "pod_ip_p50_us",
+            "rps",
+            "rps_pod_ip",
+            "gbps",
+        ] {
             assert!(
                 row[key].as_f64().is_some_and(|v| v > 0.0),
                 "{mode}: {key} in {row}"

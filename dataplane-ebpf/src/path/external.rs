@@ -34,7 +34,7 @@ use dataplane_common::{
     DropReason, SCOPE_EXTERNAL, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_LOCAL,
 };
 
-use crate::counters::{count_drop, count_service};
+use crate::counters::{count_drop, count_flow, count_service};
 use crate::csum::csum_replace2;
 use crate::ctx::PacketCtx;
 use crate::icmp::{IcmpError, Rewrite};
@@ -95,6 +95,7 @@ pub fn try_from_external(ctx: &XdpContext) -> Result<u32, DropReason> {
         });
     }
     let (backend_id, backend) = lb::pick(&frontend, &header)?;
+    count_flow(header.rev_nat_id);
     // A backend needs source NAT when its replies would not come back through this node: not
     // under eTP Local, not a local endpoint, and routed back out of the interface the packet
     // came in on (an endpoint without nodeName that is a local pod is routed elsewhere).

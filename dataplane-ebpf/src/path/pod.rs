@@ -13,7 +13,7 @@ use dataplane_common::{
     SVC_FLAG_DROP_EMPTY,
 };
 
-use crate::counters::{count_drop, count_service};
+use crate::counters::{count_drop, count_flow, count_service};
 use crate::ctx::PacketCtx;
 use crate::nat::{IP_DADDR_OFF, nat_dst, nat_src, rewrite, swapped_macs};
 use crate::parse::Packet;
@@ -51,6 +51,7 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         return reject::reply(ctx, &pkt);
     }
     let (backend_id, backend) = lb::pick(&frontend, &header)?;
+    count_flow(header.rev_nat_id);
 
     let is_hairpin = backend.addr == pkt.saddr;
     let (flags, client_addr) = if is_hairpin {

@@ -1,5 +1,6 @@
 //! Socket-level translation for processes in the node's own network namespace (hostNetwork pods,
-//! the kubelet, node agents), from cgroup v2 hooks: the Service frontend a socket connects or
+//! the kubelet, node agents) and, with `--pod-translation socket`, for the node's pods, from
+//! cgroup v2 hooks: the Service frontend a socket connects or
 //! sends to becomes a backend before any packet exists, and the backend shows as the frontend
 //! wherever the socket reports its peer, so established flows pay nothing per packet.
 //!
@@ -13,10 +14,12 @@
 //! Which sockets: those of the node's own network namespace (`NODE` holds its cookie) always;
 //! those of other namespaces under the hooks' cgroup (the node's pods) only with
 //! `NODE_FLAG_SOCKET_PODS` (`--pod-translation socket`), else they are the TC programs' business.
-//! A pod socket to a frontend with `loadBalancerSourceRanges` is left to TC too: the source
-//! address is not chosen yet at connect(). A frontend with no ready endpoint
-//! refuses the connect or send with ECONNREFUSED, as kube-proxy's REJECT makes a client see; one
-//! with no local endpoint under `internalTrafficPolicy: Local` fails it with EHOSTUNREACH.
+//! A pod socket to a frontend with `loadBalancerSourceRanges` is left to TC too (the source
+//! address is not chosen yet at connect()), and so is one to a frontend without a backend (TC
+//! drops or refuses it per packet, exactly as for TC-translated pods). For node sockets, a
+//! frontend with no ready endpoint refuses the connect or send with ECONNREFUSED, as kube-proxy's
+//! REJECT makes a client see; one with no local endpoint under `internalTrafficPolicy: Local`
+//! fails it with EHOSTUNREACH.
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
@@ -27,7 +30,7 @@ use dataplane_common::{
     SVC_FLAG_SOURCE_RANGES, SockRevKey, SockRevValue,
 };
 
-use crate::counters::count_drop;
+use crate::counters::{count_drop, count_flow};
 use crate::lb::{self, Frontend};
 use crate::maps::{NODE, SOCK_REVNAT};
 
@@ -83,7 +86,10 @@ pub fn try_forward(ctx: &SockAddrContext) -> Result<i32, DropReason> {
     let Some(header) = lb::lookup(&frontend) else {
         return Ok(PROCEED);
     };
-    if owner == Owner::Pod && header.flags & SVC_FLAG_SOURCE_RANGES != 0 {
+    if owner == Owner::Pod && (header.count == 0 || header.flags & SVC_FLAG_SOURCE_RANGES != 0) {
+        // TC answers these on the pod's interface as kube-proxy does: a drop (no local endpoint),
+        // a refusal the client sees as it would from kube-proxy (RST, port unreachable), the
+        // source-range check on the address the packet carries.
         return Ok(PROCEED);
     }
     if header.count == 0 {
@@ -101,6 +107,7 @@ pub fn try_forward(ctx: &SockAddrContext) -> Result<i32, DropReason> {
         return Ok(REFUSE);
     }
     let (_, backend) = lb::pick(&frontend, &header)?;
+    count_flow(header.rev_nat_id);
     let key = SockRevKey {
         // SAFETY: helper call on the program's own context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
