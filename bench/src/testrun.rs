@@ -164,12 +164,18 @@ fn repeated(runs: usize, mut one: impl FnMut() -> anyhow::Result<u64>) -> anyhow
     (0..runs).map(|_| one()).collect()
 }
 
-/// One XDP run; the kernel's duration in ns, the verdict and the output frame.
-fn run_xdp(dp: &Datapath, frame: &[u8]) -> anyhow::Result<(u64, u32, Vec<u8>)> {
+/// One XDP run, as if the frame arrived on interface `ifindex`; the kernel's duration in ns, the
+/// verdict and the output frame.
+fn run_xdp(dp: &Datapath, ifindex: u32, frame: &[u8]) -> anyhow::Result<(u64, u32, Vec<u8>)> {
+    // `struct xdp_md`: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let mut md = [0u8; 24];
+    md[4..8].copy_from_slice(&u32::try_from(frame.len())?.to_ne_bytes());
+    md[12..16].copy_from_slice(&ifindex.to_ne_bytes());
     let mut out = vec![0u8; frame.len() + 256];
     let r = dp.xdp_program()?.test_run(TestRunOptions {
         data_in: Some(frame),
         data_out: Some(&mut out),
+        ctx_in: Some(&md),
         ..Default::default()
     })?;
     out.truncate(r.data_size_out as usize);
@@ -180,10 +186,65 @@ fn run_xdp(dp: &Datapath, frame: &[u8]) -> anyhow::Result<(u64, u32, Vec<u8>)> {
     ))
 }
 
-/// The NodePort paths of `from_external` (XDP), with the scale's Services in the maps: a
-/// NodePort with a local backend (DNAT, to the kernel) and one with a remote backend (DNAT and
-/// source NAT), new and established, and external traffic to no frontend.
+/// The NodePort paths of `from_external` (XDP), in a namespace of their own where the FIB
+/// resolves (see [`routed_xdp_namespace`]), run on a thread that alone enters it.
 fn external_paths(dp: &mut Datapath, runs: usize, paths: &mut Vec<PathCost>) -> anyhow::Result<()> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let (_ns, ifindex) = routed_xdp_namespace()?;
+            external_paths_on(dp, ifindex, runs, paths)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the XDP measurement thread panicked"))?
+    })
+}
+
+/// Creates a namespace (removed when the guard drops) and moves this thread into it: `ext0`
+/// holds the node's address, the clients and the remote backend lie behind a gateway whose MAC
+/// is known, so `from_external` sends source-NATed flows back out itself (XDP_TX), as on a
+/// node. Nothing is sent anywhere: test runs only. Returns the guard and ext0's ifindex.
+fn routed_xdp_namespace() -> anyhow::Result<(kplab::netns::Netns, u32)> {
+    let ns = kplab::netns::Netns::create(format!("kplbench-xdp-{}", std::process::id()))?;
+    for args in [
+        "link add ext0 address 02:00:00:00:00:aa type veth peer name ext1",
+        "link set ext1 up",
+        "link set ext0 up",
+        "addr add 172.31.0.2/24 dev ext0",
+        "route add 10.244.2.0/24 via 172.31.0.1",
+        "route add 192.0.2.0/24 via 172.31.0.1",
+        "neigh replace 172.31.0.1 lladdr 02:00:00:00:00:01 dev ext0 nud permanent",
+    ] {
+        let ok = std::process::Command::new("ip")
+            .args(["-n", ns.name()])
+            .args(args.split(' '))
+            .status()
+            .context("running ip")?
+            .success();
+        if !ok {
+            bail!("ip -n {} {args} failed", ns.name());
+        }
+    }
+    kplab::netns::enter(ns.name())?;
+    // SAFETY: a NUL-terminated name; looked up in this thread's namespace.
+    let ifindex = unsafe { libc::if_nametoindex(c"ext0".as_ptr()) };
+    if ifindex == 0 {
+        bail!("ext0 is missing from {}", ns.name());
+    }
+    // The FIB helper answers only where the interface forwards (a node's uplink does).
+    std::fs::write("/proc/sys/net/ipv4/conf/ext0/forwarding", "1")
+        .context("enabling forwarding on ext0")?;
+    Ok((ns, ifindex))
+}
+
+/// A NodePort with a local backend (DNAT, to the kernel) and one with a remote backend (DNAT and
+/// source NAT, sent back out), new and established, the source-NATed flow's replies, and
+/// external traffic to no frontend; the scale's Services are in the maps.
+fn external_paths_on(
+    dp: &mut Datapath,
+    ifindex: u32,
+    runs: usize,
+    paths: &mut Vec<PathCost>,
+) -> anyhow::Result<()> {
     use std::collections::BTreeMap;
 
     use dataplane_core::maps::{MapState, backend_value, diff, service_entries};
@@ -191,6 +252,7 @@ fn external_paths(dp: &mut Datapath, runs: usize, paths: &mut Vec<PathCost>) -> 
     use dataplane_core::translate::{BackendAddr, ExternalSpec, Frontend, FrontendSpec, Proto};
 
     const XDP_DROP: u32 = 1;
+    const XDP_TX: u32 = 3;
     let node = Ipv4Addr::new(172, 31, 0, 2);
     dp.set_snat(node, (61000, 65535))?;
     let mut state = MapState::default();
@@ -237,7 +299,7 @@ fn external_paths(dp: &mut Datapath, runs: usize, paths: &mut Vec<PathCost>) -> 
         for i in 0..new_runs {
             let client = Ipv4Addr::from(0xc000_0200 + (i / 50_000) as u32);
             let f = Pkt::tcp(client, 10_000 + (i % 50_000) as u16, node, port, SYN).build();
-            let (d, verdict, _) = run_xdp(dp, &f)?;
+            let (d, verdict, _) = run_xdp(dp, ifindex, &f)?;
             if verdict == XDP_DROP {
                 let drops: Vec<_> = dp.drops()?.into_iter().filter(|(_, n)| *n > 0).collect();
                 bail!("{path}: run {i} dropped ({drops:?})");
@@ -248,18 +310,36 @@ fn external_paths(dp: &mut Datapath, runs: usize, paths: &mut Vec<PathCost>) -> 
     }
     let client = Ipv4Addr::new(192, 0, 2, 99);
     let est = Pkt::tcp(client, 9_000, node, 30081, ACK).build();
-    let (_, _, out) = run_xdp(dp, &est)?;
-    if out[26..30] == client.octets() {
-        bail!("established NodePort flow was not source-NATed");
+    let (_, verdict, out) = run_xdp(dp, ifindex, &est)?;
+    if out[26..30] == client.octets() || verdict != XDP_TX {
+        bail!("established NodePort flow was not source-NATed and sent back out ({verdict})");
     }
-    let ns = repeated(runs, || run_xdp(dp, &est).map(|r| r.0))?;
+    let ns = repeated(runs, || run_xdp(dp, ifindex, &est).map(|r| r.0))?;
     paths.push(summarise(
         "NodePort established, SNAT",
         prog_names::FROM_EXTERNAL,
         ns,
     ));
+    let reply = Pkt::tcp(
+        Ipv4Addr::new(10, 244, 2, 30),
+        8080,
+        node,
+        u16::from_be_bytes([out[34], out[35]]),
+        ACK,
+    )
+    .build();
+    let (_, verdict, back) = run_xdp(dp, ifindex, &reply)?;
+    if back[30..34] != client.octets() || verdict != XDP_TX {
+        bail!("the source-NATed flow's reply did not go back to the client ({verdict})");
+    }
+    let ns = repeated(runs, || run_xdp(dp, ifindex, &reply).map(|r| r.0))?;
+    paths.push(summarise(
+        "NodePort reply, SNAT",
+        prog_names::FROM_EXTERNAL,
+        ns,
+    ));
     let other = Pkt::tcp(client, 9_001, node, 22, ACK).build();
-    let ns = repeated(runs, || run_xdp(dp, &other).map(|r| r.0))?;
+    let ns = repeated(runs, || run_xdp(dp, ifindex, &other).map(|r| r.0))?;
     paths.push(summarise(
         "external, not a frontend",
         prog_names::FROM_EXTERNAL,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use dataplane_common::{CT_FLAG_CLOSING, PROTO_TCP, SvcStats};
+use dataplane_common::{CT_DIR_SERVICE, CT_FLAG_CLOSING, CtKey, CtValue, PROTO_TCP, SvcStats};
 use dataplane_core::index::Target;
 use dataplane_core::pipeline::{KernelReadings, Pipeline};
 use dataplane_core::reconcile::NodePortAddresses;
@@ -21,7 +21,7 @@ use dataplane_core::source::Batch;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::datapath::Datapath;
+use crate::datapath::{CtTable, Datapath};
 use crate::health::HealthCheckServers;
 use crate::interfaces::{ifindex, local_addresses, local_pod_ips, parse_routes, pod_interfaces};
 use crate::manifests::ManifestSource;
@@ -108,6 +108,7 @@ pub struct Agent {
     pipeline: Pipeline,
     datapath: Datapath,
     conntrack_entries: u64,
+    snat_entries: u64,
     interfaces_synced: bool,
     drops: BTreeMap<&'static str, u64>,
     service_stats: HashMap<u16, SvcStats>,
@@ -128,6 +129,7 @@ impl Agent {
             xdp_native: true,
             datapath,
             conntrack_entries: 0,
+            snat_entries: 0,
             interfaces_synced: false,
             drops: BTreeMap::new(),
             service_stats: HashMap::new(),
@@ -330,32 +332,58 @@ impl Agent {
         }
     }
 
-    /// Removes conntrack entries idle past their state's lifetime.
+    /// Removes conntrack entries idle past their state's lifetime, then source-NAT claims idle
+    /// past theirs, or past the closing lifetime once their connection's forward entry is gone
+    /// (evicted, or swept): the port is free again.
     pub fn gc_conntrack(&mut self) {
         let now = crate::datapath::monotonic_ns();
-        let entries = match self.datapath.conntrack_entries() {
-            Ok(e) => e,
-            Err(e) => {
+        let (entries, claims) = match (
+            self.datapath.conntrack_entries(),
+            self.datapath.snat_entries(),
+        ) {
+            (Ok(e), Ok(c)) => (e, c),
+            (Err(e), _) | (_, Err(e)) => {
                 warn!(error = %format_args!("{e:#}"), "cannot read conntrack");
                 return;
             }
         };
-        let mut removed = 0;
-        self.conntrack_entries = entries.len() as u64;
-        for (k, v) in entries {
-            let lifetime = match (k.proto, v.flags & CT_FLAG_CLOSING != 0) {
+        let expired = |k: &CtKey, v: &CtValue, orphan: bool| {
+            let lifetime = match (k.proto, v.flags & CT_FLAG_CLOSING != 0 || orphan) {
                 (PROTO_TCP, true) => CT_TCP_CLOSING,
                 (PROTO_TCP, false) => CT_TCP_OPEN,
                 _ => CT_UDP,
             };
-            let idle = now.saturating_sub(v.last_seen_ns);
-            if u128::from(idle) > lifetime.as_nanos() && self.datapath.remove_conntrack(&k).is_ok()
-            {
+            u128::from(now.saturating_sub(v.last_seen_ns)) > lifetime.as_nanos()
+        };
+        let mut live = std::collections::HashSet::with_capacity(entries.len());
+        let mut removed = 0;
+        for (k, v) in &entries {
+            if expired(k, v, false) && self.datapath.remove_tracked(CtTable::Conntrack, k).is_ok() {
                 removed += 1;
+            } else {
+                live.insert(*k);
             }
         }
-        self.conntrack_entries -= removed;
-        debug!(removed, "conntrack swept");
+        self.conntrack_entries = live.len() as u64;
+        let mut freed = 0;
+        for (k, v) in &claims {
+            let forward = CtKey {
+                saddr: v.snat_addr,
+                daddr: v.nat_addr,
+                sport: v.snat_port,
+                dport: v.nat_port,
+                proto: k.proto,
+                dir: CT_DIR_SERVICE,
+                pad: 0,
+            };
+            if expired(k, v, !live.contains(&forward))
+                && self.datapath.remove_tracked(CtTable::Snat, k).is_ok()
+            {
+                freed += 1;
+            }
+        }
+        self.snat_entries = claims.len() as u64 - freed;
+        debug!(removed, freed, "conntrack swept");
     }
 
     /// Reads the per-CPU traffic counters from the kernel (one map lookup per frontend); done once
@@ -392,6 +420,7 @@ impl Agent {
                 drops: self.drops.clone(),
                 service_stats: Some(&self.service_stats),
                 conntrack_entries: self.conntrack_entries,
+                snat_entries: self.snat_entries,
             },
         );
         status.last_programmed.clone_from(&self.last_programmed);

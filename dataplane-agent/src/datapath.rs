@@ -80,12 +80,23 @@ pub enum XdpAttachMode {
     Kept,
 }
 
+/// The datapath's connection tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CtTable {
+    /// `CONNTRACK`: both directions of every translated connection but the replies of
+    /// source-NATed ones (LRU).
+    Conntrack,
+    /// `SNAT`: the replies of source-NATed connections, their port claims (never evicted).
+    Snat,
+}
+
 /// The loaded eBPF object and handles to its maps.
 pub struct Datapath {
     ebpf: Ebpf,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    snat: HashMap<MapData, CtKey, CtValue>,
     drops: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuArray<MapData, SvcStats>,
     clock: Array<MapData, u64>,
@@ -120,8 +131,9 @@ impl Datapath {
     }
 
     /// Loads an eBPF object. With a pin directory (on a bpffs), conntrack is shared with earlier
-    /// agents through `<dir>/CONNTRACK_V1` (and its clock, `<dir>/CLOCK_V1`) and links are pinned as `<dir>/links/<iface>_ingress`
-    /// and `_egress` (bpffs refuses dots in names), so a restart
+    /// agents through `<dir>/CONNTRACK_V3` and `<dir>/SNAT_V1` (and its clock, `<dir>/CLOCK_V1`)
+    /// and links are pinned as `<dir>/links/<iface>_ingress` and `_egress` (bpffs refuses dots in
+    /// names), so a restart
     /// keeps every connection; the translation maps are always fresh (and swapped in with the
     /// programs once programmed), so no half-known state is ever adopted.
     ///
@@ -133,6 +145,7 @@ impl Datapath {
             std::fs::create_dir_all(dir.join("links"))
                 .with_context(|| format!("creating {}", dir.display()))?;
             loader.map_pin_path(map_names::CONNTRACK, dir.join(map_names::CONNTRACK));
+            loader.map_pin_path(map_names::SNAT, dir.join(map_names::SNAT));
             loader.map_pin_path(map_names::CLOCK, dir.join(map_names::CLOCK));
             loader.map_pin_path(map_names::SOCK_REVNAT, dir.join(map_names::SOCK_REVNAT));
         }
@@ -179,6 +192,7 @@ impl Datapath {
             services: take_map(&mut ebpf, map_names::SERVICES)?,
             backends: take_map(&mut ebpf, map_names::BACKENDS)?,
             conntrack: take_map(&mut ebpf, map_names::CONNTRACK)?,
+            snat: take_map(&mut ebpf, map_names::SNAT)?,
             drops: take_map(&mut ebpf, map_names::DROPS)?,
             svc_stats: take_map(&mut ebpf, map_names::SVC_STATS)?,
             clock: take_map(&mut ebpf, map_names::CLOCK)?,
@@ -632,12 +646,24 @@ impl Datapath {
         Ok(self.conntrack.iter().collect::<Result<_, _>>()?)
     }
 
-    /// Removes one conntrack entry (garbage collection).
+    /// The reply entries of source-NATed connections (their port claims), as the kernel holds them.
+    ///
+    /// # Errors
+    /// The map could not be read.
+    pub fn snat_entries(&self) -> anyhow::Result<Vec<(CtKey, CtValue)>> {
+        Ok(self.snat.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Removes one entry of a connection table (garbage collection).
     ///
     /// # Errors
     /// The entry could not be removed for another reason than being gone already.
-    pub fn remove_conntrack(&mut self, key: &CtKey) -> anyhow::Result<()> {
-        match self.conntrack.remove(key) {
+    pub fn remove_tracked(&mut self, table: CtTable, key: &CtKey) -> anyhow::Result<()> {
+        let map = match table {
+            CtTable::Conntrack => &mut self.conntrack,
+            CtTable::Snat => &mut self.snat,
+        };
+        match map.remove(key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e.into()),
         }

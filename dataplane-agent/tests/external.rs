@@ -7,9 +7,9 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use aya::TestRun as _;
-use dataplane_agent::datapath::Datapath;
-use dataplane_common::{CT_DIR_REPLY, CT_FLAG_SNAT, DropReason, prog_names};
+use aya::{TestRun as _, TestRunOptions};
+use dataplane_agent::datapath::{CtTable, Datapath};
+use dataplane_common::{CT_FLAG_SNAT, DropReason, prog_names};
 use dataplane_core::fixtures::packet::{ACK, Parsed, Pkt, SYN, parse_checked};
 use dataplane_core::maps::{MapState, backend_value, diff, service_entries};
 use dataplane_core::net::Cidr;
@@ -22,6 +22,7 @@ use common::{drops, test_run};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const TC_ACT_OK: u32 = 0;
 
 const CLIENT: &str = "192.0.2.50";
@@ -300,11 +301,24 @@ fn from_external_table() {
                     case.name,
                     after.sport
                 );
-                let ct = dp.conntrack_entries().unwrap();
-                assert_eq!(ct.len(), 2, "{}", case.name);
+                let (ct, claims) = (dp.conntrack_entries().unwrap(), dp.snat_entries().unwrap());
+                assert_eq!(
+                    (ct.len(), claims.len()),
+                    (1, 1),
+                    "{}: the forward entry and the port's claim",
+                    case.name
+                );
                 assert!(
-                    ct.iter().all(|(_, v)| v.flags & CT_FLAG_SNAT != 0),
+                    ct.iter()
+                        .chain(&claims)
+                        .all(|(_, v)| v.flags & CT_FLAG_SNAT != 0),
                     "{}",
+                    case.name
+                );
+                assert_eq!(
+                    claims[0].0.dport,
+                    after.sport.to_be(),
+                    "{}: the claim is the port used",
                     case.name
                 );
             }
@@ -350,14 +364,148 @@ fn source_nated_flows_keep_their_port_and_replies_go_back_to_the_client() {
     );
     let other = translated(v, &out);
     assert_ne!(other.sport, fwd.sport);
-    let entries = dp.conntrack_entries().unwrap();
-    assert_eq!(
-        entries
-            .iter()
-            .filter(|(k, _)| k.dir == CT_DIR_REPLY)
-            .count(),
-        2
+    assert_eq!(dp.snat_entries().unwrap().len(), 2, "one claim per client");
+}
+
+/// A namespace where the FIB resolves: `ext0` (a veth, MAC 02:00:00:00:00:aa) holds the node's
+/// address, the client and the remote backend lie behind a gateway with a known MAC. Returns
+/// ext0's ifindex.
+fn routed(gateway_mac: &str) -> u32 {
+    isolate();
+    for args in [
+        "link add ext0 address 02:00:00:00:00:aa type veth peer name ext1",
+        "link set ext1 up",
+        "link set ext0 up",
+        "addr add 172.31.0.2/24 dev ext0",
+        "route add 10.244.2.0/24 via 172.31.0.1",
+        "route add 192.0.2.0/24 via 172.31.0.1",
+    ] {
+        ip_cmd(args);
+    }
+    ip_cmd(&format!(
+        "neigh replace 172.31.0.1 lladdr {gateway_mac} dev ext0 nud permanent"
+    ));
+    // SAFETY: a NUL-terminated name; looked up in this thread's namespace.
+    let ifindex = unsafe { libc::if_nametoindex(c"ext0".as_ptr()) };
+    assert_ne!(ifindex, 0, "ext0 in the test's namespace");
+    // The FIB helper answers only where the interface forwards (a node's uplink does).
+    std::fs::write("/proc/sys/net/ipv4/conf/ext0/forwarding", "1").unwrap();
+    ifindex
+}
+
+fn ip_cmd(args: &str) {
+    let ok = std::process::Command::new("ip")
+        .args(args.split(' '))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "ip {args}");
+}
+
+/// One XDP run as if the frame arrived on `ifindex`.
+fn xdp_on(dp: &Datapath, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+    // `struct xdp_md`: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let mut md = [0u8; 24];
+    md[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    md[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = dp
+        .xdp_program()
+        .unwrap()
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&md),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+#[test]
+fn source_nated_flows_go_back_out_from_xdp_to_the_next_hop_which_each_flow_keeps() {
+    let ifindex = routed("02:00:00:00:00:01");
+    let own_mac = [2, 0, 0, 0, 0, 0xaa];
+    let mut dp = Datapath::load().expect("load eBPF object");
+    dp.set_snat(ip(NODE), SNAT_PORTS).unwrap();
+    program(
+        &mut dp,
+        NODE,
+        NODE_PORT,
+        &[backend(REMOTE, false)],
+        false,
+        &[],
     );
+    let sent = |dp: &Datapath, frame: &[u8], gateway: [u8; 6]| {
+        let (v, out) = xdp_on(dp, ifindex, frame);
+        assert_eq!(v, XDP_TX, "sent back out from XDP");
+        assert_eq!(&out[..6], &gateway, "to the next hop");
+        assert_eq!(&out[6..12], &own_mac, "from the interface");
+        assert_eq!(out[22], frame[22] - 1, "TTL decremented");
+        parse_checked(&out)
+    };
+    let old = [2, 0, 0, 0, 0, 1];
+    let fwd = sent(
+        &dp,
+        &Pkt::tcp(CLIENT, 43000, NODE, NODE_PORT, SYN).build(),
+        old,
+    );
+    assert_eq!((fwd.src, fwd.dst), (ip(NODE), ip(REMOTE)));
+    let reply = Pkt::tcp(REMOTE, 8080, NODE, fwd.sport, SYN | ACK).build();
+    let back = sent(&dp, &reply, old);
+    assert_eq!(
+        (back.src, back.dst, back.dport),
+        (ip(NODE), ip(CLIENT), 43000)
+    );
+    // The gateway changes its MAC: each flow asks the FIB again when its entry is refreshed (at
+    // most a second later), and sends to the new one.
+    ip_cmd("neigh replace 172.31.0.1 lladdr 02:00:00:00:00:02 dev ext0 nud permanent");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    dp.tick_clock().unwrap();
+    let new = [2, 0, 0, 0, 0, 2];
+    sent(
+        &dp,
+        &Pkt::tcp(CLIENT, 43000, NODE, NODE_PORT, ACK).build(),
+        new,
+    );
+    sent(&dp, &reply, new);
+}
+
+#[test]
+fn a_source_nat_port_claimed_by_another_client_drops_the_old_flow_never_misdelivers() {
+    let mut dp = load();
+    dp.set_snat(ip(NODE), (61000, 61000)).unwrap();
+    program(
+        &mut dp,
+        NODE,
+        NODE_PORT,
+        &[backend(REMOTE, false)],
+        false,
+        &[],
+    );
+    let first = Pkt::tcp(CLIENT, 44000, NODE, NODE_PORT, SYN).build();
+    let (v, out) = xdp(&dp, &first);
+    assert_eq!(translated(v, &out).sport, 61000);
+    // The claim is swept (as for a flow idle past its lifetime) and another client takes the
+    // only port.
+    let (claim, _) = dp.snat_entries().unwrap()[0];
+    dp.remove_tracked(CtTable::Snat, &claim).unwrap();
+    let (v, out) = xdp(
+        &dp,
+        &Pkt::tcp("192.0.2.51", 44000, NODE, NODE_PORT, SYN).build(),
+    );
+    assert_eq!(translated(v, &out).sport, 61000);
+    // The first client's next packet after its entry's refresh finds the port is not its own.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    dp.tick_clock().unwrap();
+    let (v, _) = xdp(&dp, &Pkt::tcp(CLIENT, 44000, NODE, NODE_PORT, ACK).build());
+    assert_eq!(v, XDP_DROP);
+    assert_eq!(drops(&dp, DropReason::SnatFailed), 1);
+    // And the port's replies still reach the client that holds it.
+    let (v, out) = xdp(&dp, &Pkt::tcp(REMOTE, 8080, NODE, 61000, ACK).build());
+    let back = translated(v, &out);
+    assert_eq!(back.dst, ip("192.0.2.51"));
 }
 
 #[test]

@@ -1,8 +1,9 @@
-//! The `CONNTRACK` map: one entry per direction of a tracked connection.
+//! The `CONNTRACK` map: one entry per direction of a tracked connection; and the `SNAT` map: the
+//! reply entries of source-NATed connections, which are also their port claims.
 //!
 //! ```text
 //!  {saddr, daddr, sport, dport, proto, dir} --> {nat addr/port, backend, rev_nat, flags, seen,
-//!                                                snat addr/port}
+//!                                                snat addr/port, next hop}
 //! ```
 
 /// Conntrack direction: the client's packets towards the service address.
@@ -31,8 +32,8 @@ pub const CT_FLAG_HAIRPIN: u16 = 2;
 
 /// The connection came from outside the node to a backend on another node, and is source-NATed
 /// to this node (`externalTrafficPolicy: Cluster`): the forward entry's `snat_*` is the node's
-/// address and allocated port (source rewrite), the reply entry's is the client (destination
-/// rewrite).
+/// address and allocated port (source rewrite), the reply entry's (in `SNAT`, not `CONNTRACK`)
+/// is the client (destination rewrite).
 pub const CT_FLAG_SNAT: u16 = 4;
 
 /// Source address of hairpinned connections (a pod that reached itself through a service),
@@ -56,10 +57,15 @@ pub struct CtValue {
     pub snat_addr: u32,
     pub snat_port: u16,
     pub pad2: u16,
+    /// Where `from_external` sends this direction's packets back out itself: the next hop's MAC,
+    /// then the interface's. All zero: not known (ask the FIB); cleared when the entry is
+    /// refreshed, so a changed neighbour or route is picked up within a second.
+    pub next_hop: [u8; 12],
+    pub pad3: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 48);
 
 #[cfg(feature = "user")]
 // SAFETY: `#[repr(C)]`, `Copy`, explicit padding fields and no pointers: any bit pattern is a valid

@@ -5,7 +5,9 @@
 //!                                            --slot i--> {backend_id}
 //!  BACKENDS  backend_id --> {addr, port, proto, state}
 //!  CONNTRACK {saddr, daddr, sport, dport, proto, dir} --> {nat addr/port, backend, rev_nat, flags, seen,
-//!                                                         snat addr/port}
+//!                                                         snat addr/port, next hop}
+//!  SNAT      {backend, node addr, backend port, node port, proto, dir} --> the same value: the reply
+//!            entries of source-NATed connections (their port claims; never evicted)
 //!  SOURCE_RANGES LPM {rev_nat_id, client prefix} --> () (loadBalancerSourceRanges)
 //!  DROPS     per-CPU [DropReason] --> packets
 //!  SVC_STATS per-CPU [rev_nat_id] --> {packets, bytes, flows}
@@ -36,7 +38,8 @@ pub use sock::*;
 pub mod map_names {
     pub const SERVICES: &str = "SERVICES_V1";
     pub const BACKENDS: &str = "BACKENDS_V1";
-    pub const CONNTRACK: &str = "CONNTRACK_V2";
+    pub const CONNTRACK: &str = "CONNTRACK_V3";
+    pub const SNAT: &str = "SNAT_V1";
     pub const DROPS: &str = "DROPS_V1";
     pub const SVC_STATS: &str = "SVC_STATS_V2";
     pub const CLOCK: &str = "CLOCK_V1";
@@ -69,6 +72,8 @@ pub mod prog_names {
 pub const MAX_SERVICE_ENTRIES: u32 = 1 << 20;
 pub const MAX_BACKENDS: u32 = 1 << 18;
 pub const MAX_CONNTRACK: u32 = 1 << 18;
+/// Source-NATed connections at once (each also has its forward entry in `CONNTRACK`).
+pub const MAX_SNAT: u32 = 1 << 17;
 pub const MAX_SOCK_REVNAT: u32 = 1 << 18;
 pub const MAX_SOURCE_RANGES: u32 = 1 << 16;
 /// Reverse-NAT ids index `SVC_STATS`; id 0 is never allocated.

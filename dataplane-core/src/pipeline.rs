@@ -9,7 +9,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use dataplane_common::{MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICE_ENTRIES, SvcStats, map_names};
+use dataplane_common::{
+    MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICE_ENTRIES, MAX_SNAT, SvcStats, map_names,
+};
 
 use crate::index::{Dirty, Index, Target};
 use crate::object::NsName;
@@ -38,6 +40,7 @@ pub struct KernelReadings<'a> {
     pub drops: BTreeMap<&'static str, u64>,
     pub service_stats: Option<&'a HashMap<u16, SvcStats>>,
     pub conntrack_entries: u64,
+    pub snat_entries: u64,
 }
 
 /// The index, the reconciler, and the counters a status reports.
@@ -215,6 +218,7 @@ impl Pipeline {
                     map_names::CONNTRACK,
                     usage(kernel.conntrack_entries, MAX_CONNTRACK),
                 ),
+                (map_names::SNAT, usage(kernel.snat_entries, MAX_SNAT)),
             ]),
             interfaces: kernel.interfaces,
             cgroups: kernel.cgroups,

@@ -22,32 +22,61 @@ pub fn lookup(key: CtKey) -> Option<&'static mut CtValue> {
 }
 
 /// The entry of a packet's tuple in the client's direction, unless the packet reopens the tuple
-/// (a SYN after FIN/RST is a new connection); refreshed when returned.
+/// (a SYN after FIN/RST is a new connection); tracked when returned, with whether its timestamp
+/// was refreshed (see [`track`]).
 #[inline(always)]
-pub fn established(pkt: &Packet) -> Option<&'static mut CtValue> {
+pub fn established(pkt: &Packet) -> Option<(&'static mut CtValue, bool)> {
     let ct = lookup(pkt.ct_key(CT_DIR_SERVICE))?;
     if pkt.is_tcp_syn() && ct.flags & CT_FLAG_CLOSING != 0 {
         return None;
     }
-    track(ct, pkt);
-    Some(ct)
+    let refreshed = track(ct, pkt);
+    Some((ct, refreshed))
+}
+
+/// A new entry, stamped now: the translation to apply to its direction, the connection's state.
+#[inline(always)]
+pub fn entry(
+    nat_addr: u32,
+    nat_port: u16,
+    flags: u16,
+    backend_id: u32,
+    rev_nat_id: u16,
+) -> CtValue {
+    CtValue {
+        nat_addr,
+        nat_port,
+        flags,
+        backend_id,
+        rev_nat_id,
+        pad: 0,
+        last_seen_ns: now_ns(),
+        snat_addr: 0,
+        snat_port: 0,
+        pad2: 0,
+        next_hop: [0; 12],
+        pad3: 0,
+    }
 }
 
 /// Records a new connection: the reply entry goes in first, so the backend's first answer always
-/// finds it. Both inserts overwrite: a reopened tuple (SYN after FIN/RST) replaces its stale
-/// entries. Failing to record is a drop (`CtCreateFailed`), never an untracked translation.
+/// finds it; the forward entry is the same with the backend (`to`) as its translation (one value
+/// on the stack: the verifier caps a program's stack at 512 bytes). Both inserts overwrite: a
+/// reopened tuple (SYN after FIN/RST) replaces its stale entries. Failing to record is a drop
+/// (`CtCreateFailed`), never an untracked translation.
 #[inline(always)]
 pub fn create(
     forward_key: CtKey,
-    forward: CtValue,
     reply_key: CtKey,
-    reply: CtValue,
+    mut entry: CtValue,
+    to: (u32, u16),
 ) -> Result<(), DropReason> {
     CONNTRACK
-        .insert(reply_key, reply, 0)
+        .insert(reply_key, entry, 0)
         .map_err(|_| DropReason::CtCreateFailed)?;
+    (entry.nat_addr, entry.nat_port) = to;
     CONNTRACK
-        .insert(forward_key, forward, 0)
+        .insert(forward_key, entry, 0)
         .map_err(|_| DropReason::CtCreateFailed)
 }
 
@@ -66,17 +95,20 @@ pub fn now_ns() -> u64 {
     CLOCK.get(0).copied().unwrap_or(0)
 }
 
-/// Marks the entry closing on FIN/RST and refreshes its timestamp, at most once a second.
+/// Marks the entry closing on FIN/RST and refreshes its timestamp, at most once a second: true
+/// when it did (what is cached in the entry is re-checked then).
 #[inline(always)]
-pub fn track(ct: &mut CtValue, pkt: &Packet) {
+pub fn track(ct: &mut CtValue, pkt: &Packet) -> bool {
     let closing = closing_flags(pkt);
     if ct.flags & closing != closing {
         ct.flags |= closing;
     }
     let now = now_ns();
-    if now.wrapping_sub(ct.last_seen_ns) > CT_REFRESH_NS {
+    let refresh = now.wrapping_sub(ct.last_seen_ns) > CT_REFRESH_NS;
+    if refresh {
         ct.last_seen_ns = now;
     }
+    refresh
 }
 
 /// A pod opens a connection straight to an address that a Service connection of the same source

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     Backend, CtKey, CtValue, DropReason, MAX_BACKENDS, MAX_CONNTRACK, MAX_REV_NAT_IDS,
-    MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, NodeConfig, ServiceKey, ServiceValue,
-    SockRevKey, SockRevValue, SourceRangeKey, SvcStats,
+    MAX_SERVICE_ENTRIES, MAX_SNAT, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, NodeConfig, ServiceKey,
+    ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, SvcStats,
 };
 
 /// Service frontends: slot 0 is the header, slots 1..=count the backend ids. Written by the agent.
@@ -22,8 +22,15 @@ pub static BACKENDS: HashMap<u32, Backend> =
     HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
 
 /// Translated connections, one entry per direction. Written by the datapath; swept by the agent.
-#[map(name = "CONNTRACK_V2")]
+#[map(name = "CONNTRACK_V3")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
+
+/// The reply entries of source-NATed connections, keyed by what the backend answers (the node's
+/// address and claimed port). Not LRU: an entry is the claim of its port, and is never evicted to
+/// make room, so a live flow's port can never be claimed by another client; full, a new flow is a
+/// `SnatFailed` drop. Written by the datapath; swept by the agent.
+#[map(name = "SNAT_V1")]
+pub static SNAT: HashMap<CtKey, CtValue> = HashMap::with_max_entries(MAX_SNAT, BPF_F_NO_PREALLOC);
 
 /// Packets dropped or rejected, by `DropReason`. Written by the datapath; read by the agent.
 #[map(name = "DROPS_V1")]

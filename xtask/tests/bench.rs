@@ -41,6 +41,7 @@ fn quick_bench_measures_every_mode_and_writes_the_report() {
         "NodePort new flow, local backend",
         "NodePort new flow, SNAT",
         "NodePort established, SNAT",
+        "NodePort reply, SNAT",
         "external, not a frontend",
         "empty XDP program",
     ] {

@@ -16,9 +16,13 @@
 //!
 //! "forward" sends a rewritten packet straight back out of the interface it came in on when the
 //! FIB says that is the way (XDP_TX, with the next hop's MAC and the TTL decremented), and hands
-//! it to the kernel otherwise (a local backend, an unresolved neighbour, another interface).
+//! it to the kernel otherwise (a local backend, an unresolved neighbour, another interface). The
+//! next hop is kept in the flow's entry, so an established flow asks the FIB once a second (when
+//! its entry is refreshed), not per packet.
 //! Source NAT uses the node's address and a port in `NODE`'s range, chosen by inserting the reply
-//! entry with `BPF_NOEXIST`: a taken port is never reused while its entry lives.
+//! entry into `SNAT` with `BPF_NOEXIST`: `SNAT` is not LRU, so a taken port is never reused while
+//! its entry lives, and the forward direction re-checks its claim only when its entry is
+//! refreshed (and on FIN/RST, which it passes on to the claim).
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
@@ -38,7 +42,7 @@ use crate::counters::{count_drop, count_flow, count_service};
 use crate::csum::csum_replace2;
 use crate::ctx::PacketCtx;
 use crate::icmp::{IcmpError, Rewrite};
-use crate::maps::{CONNTRACK, NODE};
+use crate::maps::{CONNTRACK, NODE, SNAT};
 use crate::nat::{nat_dst, nat_src};
 use crate::parse::{IPV4_OFF, Packet, header_mut};
 use crate::{ct, lb};
@@ -52,25 +56,31 @@ pub fn try_from_external(ctx: &XdpContext) -> Result<u32, DropReason> {
         return snat_icmp_error(ctx);
     };
     let key = pkt.ct_key(CT_DIR_SERVICE);
-    if let Some(ct) = ct::established(&pkt) {
+    if let Some((ct, refreshed)) = ct::established(&pkt) {
         count_service(ct.rev_nat_id, ctx.len());
         nat_dst(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
         if ct.flags & CT_FLAG_SNAT == 0 {
             return Ok(XDP_PASS);
         }
-        still_ours(&pkt, ct)?;
-        nat_src(ctx, &pkt, ct.snat_addr, ct.snat_port)?;
-        return Ok(forward(ctx, ct.nat_addr));
-    }
-    if let Some(ct) = ct::lookup(pkt.ct_key(CT_DIR_REPLY)) {
-        // Other replies (of pods' connections) are the pod interfaces' business.
-        if ct.flags & CT_FLAG_SNAT == 0 {
-            return Ok(XDP_PASS);
+        if refreshed || ct::closing_flags(&pkt) != 0 {
+            still_ours(&pkt, ct)?;
+            ct.next_hop = [0; 12];
         }
-        ct::track(ct, &pkt);
+        nat_src(ctx, &pkt, ct.snat_addr, ct.snat_port)?;
+        return Ok(forward(ctx, ct.nat_addr, &mut ct.next_hop));
+    }
+    // Replies of other connections (pods') are the pod interfaces' business: only source-NATed
+    // ones have entries here.
+    if let Some(ct) = SNAT.get_ptr_mut(pkt.ct_key(CT_DIR_REPLY)) {
+        // SAFETY: from a successful lookup, valid for this run; racing writers can at worst lose
+        // a refresh or a cached next hop.
+        let ct = unsafe { &mut *ct };
+        if ct::track(ct, &pkt) {
+            ct.next_hop = [0; 12];
+        }
         nat_src(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
         nat_dst(ctx, &pkt, ct.snat_addr, ct.snat_port)?;
-        return Ok(forward(ctx, ct.snat_addr));
+        return Ok(forward(ctx, ct.snat_addr, &mut ct.next_hop));
     }
 
     let frontend = lb::Frontend::scoped(&pkt, SCOPE_EXTERNAL);
@@ -99,21 +109,19 @@ pub fn try_from_external(ctx: &XdpContext) -> Result<u32, DropReason> {
     // A backend needs source NAT when its replies would not come back through this node: not
     // under eTP Local, not a local endpoint, and routed back out of the interface the packet
     // came in on (an endpoint without nodeName that is a local pod is routed elsewhere).
+    let route = fib(ctx, backend.addr).map(|f| (f.ifindex, next_hop(&f)));
     let snat = header.flags & SVC_FLAG_EXTERNAL_LOCAL == 0
         && backend.flags & BACKEND_LOCAL == 0
-        && fib(ctx, backend.addr).is_none_or(|f| f.ifindex == ctx.ingress_ifindex() as u32);
-    let reply = CtValue {
-        nat_addr: pkt.daddr,
-        nat_port: pkt.dport,
-        flags: ct::closing_flags(&pkt),
+        && route.is_none_or(|(ifindex, _)| ifindex == ctx.ingress_ifindex() as u32);
+    // The reply entry; for a source-NATed flow it becomes the forward entry in place once its
+    // port is claimed (one value on the stack, which the verifier caps at 512 bytes).
+    let mut entry = ct::entry(
+        pkt.daddr,
+        pkt.dport,
+        ct::closing_flags(&pkt),
         backend_id,
-        rev_nat_id: header.rev_nat_id,
-        pad: 0,
-        last_seen_ns: ct::now_ns(),
-        snat_addr: 0,
-        snat_port: 0,
-        pad2: 0,
-    };
+        header.rev_nat_id,
+    );
     let reply_key = CtKey {
         saddr: backend.addr,
         daddr: pkt.saddr,
@@ -123,13 +131,8 @@ pub fn try_from_external(ctx: &XdpContext) -> Result<u32, DropReason> {
         dir: CT_DIR_REPLY,
         pad: 0,
     };
-    let forward_entry = CtValue {
-        nat_addr: backend.addr,
-        nat_port: backend.port,
-        ..reply
-    };
     if !snat {
-        ct::create(key, forward_entry, reply_key, reply)?;
+        ct::create(key, reply_key, entry, (backend.addr, backend.port))?;
         nat_dst(ctx, &pkt, backend.addr, backend.port)?;
         return Ok(XDP_PASS);
     }
@@ -138,29 +141,25 @@ pub fn try_from_external(ctx: &XdpContext) -> Result<u32, DropReason> {
     if node.snat_addr == 0 || node.snat_port_max < node.snat_port_min {
         return Err(DropReason::SnatFailed);
     }
-    let snat_reply = CtValue {
-        flags: reply.flags | CT_FLAG_SNAT,
-        snat_addr: pkt.saddr,
-        snat_port: pkt.sport,
-        ..reply
-    };
+    entry.flags |= CT_FLAG_SNAT;
+    entry.snat_addr = pkt.saddr;
+    entry.snat_port = pkt.sport;
     let port = snat_port(
         CtKey {
             daddr: node.snat_addr,
             ..reply_key
         },
-        &snat_reply,
+        &entry,
         node.snat_port_min,
         node.snat_port_max,
     )?;
-    let forward_entry = CtValue {
-        flags: snat_reply.flags,
-        snat_addr: node.snat_addr,
-        snat_port: port,
-        ..forward_entry
-    };
-    if CONNTRACK.insert(key, forward_entry, 0).is_err() {
-        let _ = CONNTRACK.remove(CtKey {
+    entry.nat_addr = backend.addr;
+    entry.nat_port = backend.port;
+    entry.snat_addr = node.snat_addr;
+    entry.snat_port = port;
+    entry.next_hop = route.map_or([0; 12], |(_, hop)| hop);
+    if CONNTRACK.insert(key, entry, 0).is_err() {
+        let _ = SNAT.remove(CtKey {
             daddr: node.snat_addr,
             dport: port,
             ..reply_key
@@ -169,7 +168,7 @@ pub fn try_from_external(ctx: &XdpContext) -> Result<u32, DropReason> {
     }
     nat_dst(ctx, &pkt, backend.addr, backend.port)?;
     nat_src(ctx, &pkt, node.snat_addr, port)?;
-    Ok(forward(ctx, backend.addr))
+    Ok(forward(ctx, backend.addr, &mut entry.next_hop))
 }
 
 /// A local backend's reply to a client outside the node: the frontend becomes its source again.
@@ -181,7 +180,7 @@ pub fn try_to_external(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(ct) = ct::lookup(pkt.ct_key(CT_DIR_REPLY)) else {
         return Ok(TC_ACT_OK);
     };
-    if ct.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0 {
+    if ct.flags & CT_FLAG_HAIRPIN != 0 {
         return Ok(TC_ACT_OK);
     }
     ct::track(ct, &pkt);
@@ -196,12 +195,10 @@ fn snat_icmp_error(ctx: &XdpContext) -> Result<u32, DropReason> {
     let Some(err) = IcmpError::parse(ctx) else {
         return Ok(XDP_PASS);
     };
-    let Some(ct) = ct::lookup(err.reply_key()) else {
+    // SAFETY: the value is copied out at once.
+    let Some(ct) = (unsafe { SNAT.get(err.reply_key()) }).copied() else {
         return Ok(XDP_PASS);
     };
-    if ct.flags & CT_FLAG_SNAT == 0 {
-        return Ok(XDP_PASS);
-    }
     let (client, client_port) = (ct.snat_addr, ct.snat_port);
     err.rewrite(
         ctx,
@@ -212,7 +209,7 @@ fn snat_icmp_error(ctx: &XdpContext) -> Result<u32, DropReason> {
             inner_dst: Some((ct.nat_addr, ct.nat_port)),
         },
     )?;
-    Ok(forward(ctx, client))
+    Ok(forward(ctx, client, &mut [0; 12]))
 }
 
 /// Claims a free source port for a new flow by inserting its reply entry (`reply_key` with the
@@ -229,7 +226,7 @@ fn snat_port(mut reply_key: CtKey, reply: &CtValue, min: u16, max: u16) -> Resul
     for i in 0..SNAT_TRIES {
         let port = min + (start.wrapping_add(i.wrapping_mul(stride)) % size) as u16;
         reply_key.dport = port.to_be();
-        if CONNTRACK
+        if SNAT
             .insert(reply_key, *reply, u64::from(BPF_NOEXIST))
             .is_ok()
         {
@@ -239,8 +236,10 @@ fn snat_port(mut reply_key: CtKey, reply: &CtValue, min: u16, max: u16) -> Resul
     Err(DropReason::SnatFailed)
 }
 
-/// A source-NATed flow's reply entry may have been evicted (the table is LRU) and its port taken
-/// by another client since: then this flow is dropped, so no reply ever reaches the wrong client.
+/// A source-NATed flow's claim lives while the flow does (the agent sweeps it only when idle, and
+/// this refreshes it): checked when the forward entry is refreshed or closes, and refreshed or
+/// marked closing with it. Gone or taken by another client since (an idle flow's claim swept),
+/// the flow is dropped, so no reply ever reaches the wrong client.
 #[inline(always)]
 fn still_ours(pkt: &Packet, ct: &CtValue) -> Result<(), DropReason> {
     let reply_key = CtKey {
@@ -252,10 +251,18 @@ fn still_ours(pkt: &Packet, ct: &CtValue) -> Result<(), DropReason> {
         dir: CT_DIR_REPLY,
         pad: 0,
     };
-    match ct::lookup(reply_key) {
-        Some(reply) if reply.snat_addr == pkt.saddr && reply.snat_port == pkt.sport => Ok(()),
-        _ => Err(DropReason::SnatFailed),
+    let Some(reply) = SNAT.get_ptr_mut(reply_key) else {
+        return Err(DropReason::SnatFailed);
+    };
+    // SAFETY: from a successful lookup, valid for this run.
+    let reply = unsafe { &mut *reply };
+    if reply.snat_addr != pkt.saddr || reply.snat_port != pkt.sport {
+        return Err(DropReason::SnatFailed);
     }
+    if ct::track(reply, pkt) {
+        reply.next_hop = [0; 12];
+    }
+    Ok(())
 }
 
 /// The FIB's next hop towards `daddr` (egress interface, MACs), when it has a resolved one.
@@ -291,15 +298,28 @@ fn is_local(ctx: &XdpContext, daddr: u32) -> bool {
     fib_lookup(ctx, daddr).0 == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED)
 }
 
-/// Sends a rewritten packet towards `daddr`: back out of this interface from XDP when the FIB
-/// routes it there and knows the next hop's MAC, to the kernel otherwise.
+/// The MACs a packet leaves with towards a FIB result's next hop: its own, then the interface's.
 #[inline(always)]
-fn forward(ctx: &XdpContext, daddr: u32) -> u32 {
-    let Some(fib) = fib(ctx, daddr) else {
-        return XDP_PASS;
-    };
-    if fib.ifindex != ctx.ingress_ifindex() as u32 {
-        return XDP_PASS;
+fn next_hop(fib: &FibParams) -> [u8; 12] {
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&fib.dmac);
+    macs[6..].copy_from_slice(&fib.smac);
+    macs
+}
+
+/// Sends a rewritten packet towards `daddr`: back out of this interface from XDP when the FIB
+/// routes it there and knows the next hop's MAC, to the kernel otherwise. `hop` is the flow's
+/// cached next hop: used when set, filled from the FIB when not.
+#[inline(always)]
+fn forward(ctx: &XdpContext, daddr: u32, hop: &mut [u8; 12]) -> u32 {
+    if *hop == [0; 12] {
+        let Some(fib) = fib(ctx, daddr) else {
+            return XDP_PASS;
+        };
+        if fib.ifindex != ctx.ingress_ifindex() as u32 {
+            return XDP_PASS;
+        }
+        *hop = next_hop(&fib);
     }
     let Some(ip) = header_mut::<20, XdpContext>(ctx, IPV4_OFF) else {
         return XDP_PASS;
@@ -315,10 +335,7 @@ fn forward(ctx: &XdpContext, daddr: u32) -> u32 {
     let new = u16::from_ne_bytes([ip[8], ip[9]]);
     let csum = u16::from_ne_bytes([ip[10], ip[11]]);
     ip[10..12].copy_from_slice(&csum_replace2(csum, old, new).to_ne_bytes());
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&fib.dmac);
-    macs[6..].copy_from_slice(&fib.smac);
-    if ctx.store(0, &macs).is_none() {
+    if ctx.store(0, hop).is_none() {
         return XDP_PASS;
     }
     XDP_TX

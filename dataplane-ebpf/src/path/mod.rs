@@ -3,7 +3,7 @@ pub mod external;
 pub mod pod;
 pub mod sock;
 
-use dataplane_common::{CT_FLAG_HAIRPIN, CT_FLAG_SNAT, DropReason};
+use dataplane_common::{CT_FLAG_HAIRPIN, DropReason};
 
 use crate::ct;
 use crate::ctx::PacketCtx;
@@ -20,7 +20,7 @@ pub fn reverse_icmp_error<C: PacketCtx>(ctx: &C) -> Result<(), DropReason> {
     let Some(ct) = ct::lookup(err.reply_key()) else {
         return Ok(());
     };
-    if ct.flags & (CT_FLAG_SNAT | CT_FLAG_HAIRPIN) != 0 {
+    if ct.flags & CT_FLAG_HAIRPIN != 0 {
         return Ok(());
     }
     err.rewrite(

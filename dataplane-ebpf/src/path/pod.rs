@@ -9,7 +9,7 @@
 //! ```
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use dataplane_common::{
-    CT_DIR_REPLY, CT_DIR_SERVICE, CT_FLAG_HAIRPIN, CtKey, CtValue, DropReason, HAIRPIN_ADDR,
+    CT_DIR_REPLY, CT_DIR_SERVICE, CT_FLAG_HAIRPIN, CtKey, DropReason, HAIRPIN_ADDR,
     SVC_FLAG_DROP_EMPTY,
 };
 
@@ -27,7 +27,7 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         return hairpin_reply(ctx, &pkt);
     }
     let key = pkt.ct_key(CT_DIR_SERVICE);
-    if let Some(ct) = ct::established(&pkt) {
+    if let Some((ct, _)) = ct::established(&pkt) {
         count_service(ct.rev_nat_id, ctx.len());
         nat_dst(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
         if ct.flags & CT_FLAG_HAIRPIN != 0 {
@@ -68,24 +68,8 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         dir: CT_DIR_REPLY,
         pad: 0,
     };
-    let reply = CtValue {
-        nat_addr: pkt.daddr,
-        nat_port: pkt.dport,
-        flags,
-        backend_id,
-        rev_nat_id: header.rev_nat_id,
-        pad: 0,
-        last_seen_ns: ct::now_ns(),
-        snat_addr: 0,
-        snat_port: 0,
-        pad2: 0,
-    };
-    let forward = CtValue {
-        nat_addr: backend.addr,
-        nat_port: backend.port,
-        ..reply
-    };
-    ct::create(key, forward, reply_key, reply)?;
+    let reply = ct::entry(pkt.daddr, pkt.dport, flags, backend_id, header.rev_nat_id);
+    ct::create(key, reply_key, reply, (backend.addr, backend.port))?;
     nat_dst(ctx, &pkt, backend.addr, backend.port)?;
     if is_hairpin {
         return hairpin(ctx, &pkt, HAIRPIN_ADDR, pkt.sport);
