@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use aya::{TestRun as _, TestRunOptions};
 use dataplane_agent::datapath::{CtTable, Datapath};
 use dataplane_common::{CT_FLAG_SNAT, DropReason, prog_names};
-use dataplane_core::fixtures::packet::{ACK, Parsed, Pkt, SYN, parse_checked};
+use dataplane_core::fixtures::packet::{ACK, Parsed, Pkt, RST, SYN, parse_checked};
 use dataplane_core::maps::{MapState, backend_value, diff, service_entries};
 use dataplane_core::net::Cidr;
 use dataplane_core::reconcile::MapWriter as _;
@@ -160,6 +160,8 @@ enum Expect {
     /// Destination rewritten to the backend and source to the node and a port of the range.
     DnatSnat(&'static str),
     Dropped(DropReason),
+    /// Answered with an RST from the frontend, sent back out (kube-proxy's REJECT).
+    Refused,
 }
 
 struct Case {
@@ -207,12 +209,12 @@ fn from_external_table() {
             expect: Expect::Dropped(DropReason::NoLocalBackend),
         },
         Case {
-            name: "a LoadBalancer IP (not a node address) without any endpoint: dropped",
+            name: "a LoadBalancer IP (not a node address) without any endpoint: refused",
             backends: &[],
             local: false,
             ranges: &[],
             input: || Pkt::tcp(CLIENT, 40004, NODE, NODE_PORT, SYN).build(),
-            expect: Expect::Dropped(DropReason::NoBackend),
+            expect: Expect::Refused,
         },
         Case {
             name: "another port of the node passes untouched",
@@ -274,6 +276,29 @@ fn from_external_table() {
             Expect::Dropped(reason) => {
                 assert_eq!(verdict, XDP_DROP, "{}", case.name);
                 assert_eq!(drops(&dp, *reason), 1, "{}", case.name);
+            }
+            Expect::Refused => {
+                assert_eq!(verdict, XDP_TX, "{}: sent back out", case.name);
+                let (before, rst) = (parse_checked(&input), parse_checked(&out));
+                assert_eq!(
+                    (rst.src, rst.sport, rst.dst, rst.dport, rst.tcp_flags),
+                    (
+                        before.dst,
+                        before.dport,
+                        before.src,
+                        before.sport,
+                        RST | ACK
+                    ),
+                    "{}",
+                    case.name
+                );
+                assert_eq!(
+                    (rst.eth_dst, rst.eth_src),
+                    (before.eth_src, before.eth_dst),
+                    "{}",
+                    case.name
+                );
+                assert_eq!(drops(&dp, DropReason::NoBackend), 1, "{}", case.name);
             }
             Expect::Dnat(to) => {
                 let before = parse_checked(&input);
@@ -676,6 +701,22 @@ fn an_endpoint_without_node_name_routed_to_a_local_interface_is_not_source_nated
         "routed locally: client kept"
     );
     assert_eq!(v, XDP_PASS);
+}
+
+#[test]
+fn a_load_balancer_ip_without_endpoints_refuses_udp_with_port_unreachable() {
+    let mut dp = load();
+    program_udp(&mut dp, &[]);
+    let input = Pkt::udp(CLIENT, 45002, NODE, NODE_PORT).build();
+    let (v, out) = xdp(&dp, &input);
+    assert_eq!(v, XDP_TX, "sent back out");
+    let icmp = parse_checked(&out);
+    assert_eq!((icmp.src, icmp.dst, icmp.proto), (ip(NODE), ip(CLIENT), 1));
+    let (kind, code, quote) = icmp.icmp.unwrap();
+    assert_eq!((kind, code), (3, 3), "port unreachable");
+    assert_eq!(quote, input[14..14 + 28], "quoting what the client sent");
+    assert_eq!(out.len(), 14 + 20 + 8 + 28);
+    assert_eq!(drops(&dp, DropReason::NoBackend), 1);
 }
 
 #[test]

@@ -1,8 +1,11 @@
 //! The packet access the stages use, whichever hook runs them: a stage takes `&impl PacketCtx`,
 //! so parsing and NAT serve TC (pod interfaces) and XDP (the node's external interfaces) alike.
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, xdp_action::XDP_TX},
-    helpers::bpf_redirect,
+    bindings::{
+        BPF_F_MARK_MANGLED_0, TC_ACT_SHOT,
+        xdp_action::{XDP_DROP, XDP_TX},
+    },
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::{TcContext, XdpContext},
 };
 
@@ -23,8 +26,13 @@ pub trait PacketCtx {
     /// Updates the L4 checksum at `off` for a `from` -> `to` change (`flags` as for
     /// `bpf_l4_csum_replace`: size, pseudo-header, mangled-zero). Invalidates header pointers.
     fn l4_csum_replace(&self, off: usize, from: u64, to: u64, flags: u64) -> Option<()>;
+    /// Makes the packet `len` bytes long; where it grew, its bytes are undefined (the caller
+    /// writes all of them). `None` if that fails. Invalidates header pointers.
+    fn set_len(&self, len: u32) -> Option<()>;
     /// The action that sends the packet back out of the interface it came in on.
     fn bounce(&self) -> i32;
+    /// The action that drops the packet.
+    fn drop_action(&self) -> i32;
 }
 
 impl PacketCtx for TcContext {
@@ -61,6 +69,17 @@ impl PacketCtx for TcContext {
     #[inline(always)]
     fn l4_csum_replace(&self, off: usize, from: u64, to: u64, flags: u64) -> Option<()> {
         TcContext::l4_csum_replace(self, off, from, to, flags).ok()
+    }
+
+    #[inline(always)]
+    fn set_len(&self, len: u32) -> Option<()> {
+        // SAFETY: the context pointer is the program's own.
+        (unsafe { bpf_skb_change_tail(self.skb.skb, len, 0) } == 0).then_some(())
+    }
+
+    #[inline(always)]
+    fn drop_action(&self) -> i32 {
+        TC_ACT_SHOT
     }
 
     #[inline(always)]
@@ -136,8 +155,29 @@ impl PacketCtx for XdpContext {
         self.store(off, &new)
     }
 
+    /// Shrinks at the tail, grows at the head: XDP always has 256 bytes of headroom, tailroom
+    /// depends on the driver.
+    #[inline(always)]
+    fn set_len(&self, len: u32) -> Option<()> {
+        let delta = len as i32 - PacketCtx::len(self) as i32;
+        // SAFETY: the context pointer is the program's own.
+        let rc = unsafe {
+            if delta <= 0 {
+                bpf_xdp_adjust_tail(self.ctx, delta)
+            } else {
+                bpf_xdp_adjust_head(self.ctx, -delta)
+            }
+        };
+        (rc == 0).then_some(())
+    }
+
     #[inline(always)]
     fn bounce(&self) -> i32 {
         XDP_TX as i32
+    }
+
+    #[inline(always)]
+    fn drop_action(&self) -> i32 {
+        XDP_DROP as i32
     }
 }

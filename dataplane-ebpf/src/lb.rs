@@ -52,7 +52,9 @@ pub fn lookup(fe: &Frontend) -> Option<ServiceValue> {
 #[inline(always)]
 pub fn pick(fe: &Frontend, header: &ServiceValue) -> Result<(u32, Backend), DropReason> {
     // SAFETY: helper call without arguments.
-    let pick = unsafe { bpf_get_prandom_u32() } % u32::from(header.count);
+    let pick = unsafe { bpf_get_prandom_u32() }
+        .checked_rem(u32::from(header.count))
+        .ok_or(DropReason::BackendMissing)?;
     // SAFETY: the value is copied out at once.
     let slot = unsafe { SERVICES.get(frontend_key(fe, (pick + 1) as u16)) }
         .ok_or(DropReason::BackendMissing)?;

@@ -1,15 +1,11 @@
 //! Active refusal for a service without ready endpoints, as kube-proxy's REJECT rule does: a TCP
 //! RST for TCP, an ICMP port unreachable for UDP. The reply is built in place and sent back out of
-//! the interface the packet came in on, towards the client pod.
+//! the interface the packet came in on, towards the client (a pod, or a host outside the node).
 
-use aya_ebpf::{
-    bindings::{__sk_buff, TC_ACT_SHOT},
-    helpers::{bpf_csum_diff, bpf_skb_change_head, bpf_skb_change_tail},
-    programs::TcContext,
-};
+use aya_ebpf::helpers::bpf_csum_diff;
 use dataplane_common::{DropReason, PROTO_TCP};
 
-use crate::ctx::PacketCtx as _;
+use crate::ctx::PacketCtx;
 use crate::nat::swapped_macs;
 use crate::parse::{
     ETH_HLEN, IPV4_OFF, Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
@@ -26,29 +22,49 @@ const QUOTE_LEN: usize = IP_HLEN + 8;
 const ICMP_HLEN: usize = 8;
 
 /// Builds the refusal and redirects it; packets that cannot be answered (an RST, IP options) are
-/// dropped, already counted as `NoBackend` by the caller. The builders are not inlined: their
-/// buffers get stack frames of their own instead of growing the caller's (BPF allows 512 bytes for
-/// a whole call chain).
+/// dropped, already counted as `NoBackend` by the caller. With `OUT_OF_LINE` the builders are
+/// calls of their own: their buffers get stack frames of their own instead of growing the
+/// caller's (BPF allows 512 bytes for a whole call chain, and a call adds its frame to its
+/// caller's whole frame); without, they are inlined into a caller whose frame already has room in
+/// branches that never run together with this one (stack slots are shared between those).
 #[inline(always)]
-pub fn reply(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+pub fn reply<C: PacketCtx, const OUT_OF_LINE: bool>(
+    ctx: &C,
+    pkt: &Packet,
+) -> Result<i32, DropReason> {
     if pkt.ihl != IP_HLEN || pkt.tcp_flags & TCP_FLAG_RST != 0 {
-        return Ok(TC_ACT_SHOT);
+        return Ok(ctx.drop_action());
     }
-    let eth: [u8; 12] = ctx.load(0).map_err(|_| DropReason::RejectFailed)?;
-    if pkt.proto == PROTO_TCP {
-        tcp_rst(ctx, pkt, &eth)?;
-    } else {
-        icmp_port_unreachable(ctx, pkt, &eth)?;
+    let eth: [u8; 12] = ctx.load(0).ok_or(DropReason::RejectFailed)?;
+    match (pkt.proto == PROTO_TCP, OUT_OF_LINE) {
+        (true, true) => tcp_rst_call(ctx, pkt, &eth)?,
+        (true, false) => tcp_rst(ctx, pkt, &eth)?,
+        (false, true) => icmp_port_unreachable_call(ctx, pkt, &eth)?,
+        (false, false) => icmp_port_unreachable(ctx, pkt, &eth)?,
     }
     Ok(ctx.bounce())
+}
+
+#[inline(never)]
+fn tcp_rst_call<C: PacketCtx>(ctx: &C, pkt: &Packet, eth: &[u8; 12]) -> Result<(), DropReason> {
+    tcp_rst(ctx, pkt, eth)
+}
+
+#[inline(never)]
+fn icmp_port_unreachable_call<C: PacketCtx>(
+    ctx: &C,
+    pkt: &Packet,
+    eth: &[u8; 12],
+) -> Result<(), DropReason> {
+    icmp_port_unreachable(ctx, pkt, eth)
 }
 
 /// A 4-byte aligned buffer, as `bpf_csum_diff` sums 32-bit words.
 #[repr(C, align(4))]
 struct Words<const N: usize>([u8; N]);
 
-#[inline(never)]
-fn tcp_rst(ctx: &TcContext, pkt: &Packet, eth: &[u8; 12]) -> Result<(), DropReason> {
+#[inline(always)]
+fn tcp_rst<C: PacketCtx>(ctx: &C, pkt: &Packet, eth: &[u8; 12]) -> Result<(), DropReason> {
     let ip = ip_header(pkt, PROTO_TCP, (IP_HLEN + TCP_HLEN) as u16)?;
     let mut t = Words([0u8; TCP_HLEN]);
     let [sp0, sp1] = pkt.dport.to_ne_bytes();
@@ -91,21 +107,22 @@ fn tcp_rst(ctx: &TcContext, pkt: &Packet, eth: &[u8; 12]) -> Result<(), DropReas
     t.0[16] = c0;
     t.0[17] = c1;
 
-    // SAFETY: the context pointer is the program's own.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, RST_LEN as u32, 0) } != 0 {
-        return Err(DropReason::RejectFailed);
-    }
+    ctx.set_len(RST_LEN as u32)
+        .ok_or(DropReason::RejectFailed)?;
     store_eth(ctx, eth)?;
-    ctx.store(IPV4_OFF, &ip.0, 0)
-        .map_err(|_| DropReason::RejectFailed)?;
-    ctx.store(IPV4_OFF + IP_HLEN, &t.0, 0)
-        .map_err(|_| DropReason::RejectFailed)
+    ctx.store(IPV4_OFF, &ip.0).ok_or(DropReason::RejectFailed)?;
+    ctx.store(IPV4_OFF + IP_HLEN, &t.0)
+        .ok_or(DropReason::RejectFailed)
 }
 
-#[inline(never)]
-fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet, eth: &[u8; 12]) -> Result<(), DropReason> {
+#[inline(always)]
+fn icmp_port_unreachable<C: PacketCtx>(
+    ctx: &C,
+    pkt: &Packet,
+    eth: &[u8; 12],
+) -> Result<(), DropReason> {
     // The ICMP message: type, code, checksum, unused, then the quote.
-    let quote: [u8; QUOTE_LEN] = ctx.load(IPV4_OFF).map_err(|_| DropReason::RejectFailed)?;
+    let quote: [u8; QUOTE_LEN] = ctx.load(IPV4_OFF).ok_or(DropReason::RejectFailed)?;
     let mut icmp = Words([0u8; ICMP_HLEN + QUOTE_LEN]);
     icmp.0[ICMP_HLEN..].copy_from_slice(&quote);
     icmp.0[0] = ICMP_DEST_UNREACH;
@@ -116,30 +133,22 @@ fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet, eth: &[u8; 12]) -> Resul
     icmp.0[3] = c1;
     let ip = ip_header(pkt, IPPROTO_ICMP, (IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u16)?;
 
-    let skb: *mut __sk_buff = ctx.skb.skb;
-    // Keep only Ethernet + the quote, then grow the head: the quote lands after the new headers.
-    // SAFETY: the context pointer is the program's own.
-    let resized = unsafe {
-        bpf_skb_change_tail(skb, (ETH_HLEN + QUOTE_LEN) as u32, 0) == 0
-            && bpf_skb_change_head(skb, (IP_HLEN + ICMP_HLEN) as u32, 0) == 0
-    };
-    if !resized {
-        return Err(DropReason::RejectFailed);
-    }
+    // Every byte is written below (the quote was copied out above).
+    ctx.set_len((ETH_HLEN + IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u32)
+        .ok_or(DropReason::RejectFailed)?;
     store_eth(ctx, eth)?;
-    ctx.store(IPV4_OFF, &ip.0, 0)
-        .map_err(|_| DropReason::RejectFailed)?;
-    ctx.store(IPV4_OFF + IP_HLEN, &icmp.0, 0)
-        .map_err(|_| DropReason::RejectFailed)
+    ctx.store(IPV4_OFF, &ip.0).ok_or(DropReason::RejectFailed)?;
+    ctx.store(IPV4_OFF + IP_HLEN, &icmp.0)
+        .ok_or(DropReason::RejectFailed)
 }
 
 /// Ethernet header with the addresses swapped: back to the sender.
 #[inline(always)]
-fn store_eth(ctx: &TcContext, eth: &[u8; 12]) -> Result<(), DropReason> {
+fn store_eth<C: PacketCtx>(ctx: &C, eth: &[u8; 12]) -> Result<(), DropReason> {
     let mut out = [0u8; 14];
     out[..12].copy_from_slice(&swapped_macs(eth));
     out[12] = 0x08;
-    ctx.store(0, &out, 0).map_err(|_| DropReason::RejectFailed)
+    ctx.store(0, &out).ok_or(DropReason::RejectFailed)
 }
 
 /// A fresh IPv4 header from the service address back to the client.

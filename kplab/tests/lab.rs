@@ -601,7 +601,8 @@ fn node_ports_external_ips_and_load_balancer_ips_answer_pods_and_nodes_except_ip
 /// only, NodePort 30082, LB IP 10.98.2.2), `rng` (LB IP 10.98.2.3 for 172.31.0.200/32 only),
 /// `itl` (iTP Local, web-1 on node-a only), `closed` (UDP NodePort 30084 to a port web-1 does not
 /// listen on: its port unreachable must reach the client as one for the address it used), `emp`
-/// (NodePort 30085, no endpoints: refused, as kube-proxy's REJECT).
+/// (LB IP 10.98.2.4, NodePorts 30085 TCP and 30086 UDP, no endpoints: refused, as kube-proxy's
+/// REJECT).
 const EXTERNAL_SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: cl, namespace: t}\n\
      spec: {type: LoadBalancer, clusterIP: 10.97.0.21, externalIPs: [10.98.0.8], ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30081}]}\n\
      status: {loadBalancer: {ingress: [{ip: 10.98.2.1}]}}\n---\n\
@@ -636,7 +637,8 @@ const EXTERNAL_SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name:
      addressType: IPv4\nports: [{name: u, port: 9999, protocol: UDP}]\n\
      endpoints: [{addresses: [10.245.1.21], nodeName: node-a}]\n---\n\
      apiVersion: v1\nkind: Service\nmetadata: {name: emp, namespace: t}\n\
-     spec: {type: NodePort, clusterIP: 10.97.0.26, ports: [{name: h, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30085}]}\n";
+     spec: {type: LoadBalancer, clusterIP: 10.97.0.26, ports: [{name: h, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30085}, {name: u, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30086}]}\n\
+     status: {loadBalancer: {ingress: [{ip: 10.98.2.4}]}}\n";
 
 /// One HTTP GET from a lab host with curl: status code and JSON body.
 fn http_get(from: &str, to: &str, path: &str) -> (u16, Value) {
@@ -834,11 +836,17 @@ fn external_clients_reach_node_ports_and_load_balancer_ips_under_each_traffic_po
             "{from} -> {to}: {r:?}"
         );
     }
-    let r = probe("ext", "172.31.0.2:30085", "tcp", 2);
-    assert!(
-        r.iter().all(|r| r["result"] == "refused"),
-        "NodePort without endpoints: {r:?}"
-    );
+    for (to, proto) in [
+        ("172.31.0.2:30085", "tcp"),
+        ("10.98.2.4:80", "tcp"),
+        ("10.98.2.4:53", "udp"),
+    ] {
+        let r = probe("ext", to, proto, 2);
+        assert!(
+            r.iter().all(|r| r["result"] == "refused"),
+            "{to}/{proto} without endpoints: {r:?}"
+        );
+    }
 
     // The local endpoint moves from node-b to node-a: the health checks follow, and so does the
     // traffic of the NodePorts.

@@ -28,7 +28,7 @@ use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, TC_ACT_OK,
         bpf_fib_lookup as FibParams,
-        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+        xdp_action::{XDP_PASS, XDP_TX},
     },
     helpers::{bpf_fib_lookup, bpf_get_prandom_u32},
     programs::{TcContext, XdpContext},
@@ -45,7 +45,7 @@ use crate::icmp::{IcmpError, Rewrite};
 use crate::maps::{CONNTRACK, NODE, SNAT};
 use crate::nat::{nat_dst, nat_src};
 use crate::parse::{IPV4_OFF, Packet, header_mut};
-use crate::{ct, lb};
+use crate::{ct, lb, reject};
 
 /// Ports tried for one new source-NATed flow before it is dropped as `SnatFailed`.
 const SNAT_TRIES: u32 = 16;
@@ -55,7 +55,6 @@ pub fn try_from_external(ctx: &XdpContext) -> Result<u32, DropReason> {
     let Some(pkt) = Packet::parse(ctx)? else {
         return snat_icmp_error(ctx);
     };
-    let key = pkt.ct_key(CT_DIR_SERVICE);
     if let Some((ct, refreshed)) = ct::established(&pkt) {
         count_service(ct.rev_nat_id, ctx.len());
         nat_dst(ctx, &pkt, ct.nat_addr, ct.nat_port)?;
@@ -95,21 +94,21 @@ pub fn try_from_external(ctx: &XdpContext) -> Result<u32, DropReason> {
         }
         // No endpoint at all: kube-proxy rejects. A NodePort is one of this node's own addresses,
         // where nothing listens on the port: the kernel answers with an RST or a port
-        // unreachable, as kube-proxy's REJECT does. Anything else (a LoadBalancer IP or
-        // externalIP the node would forward) is dropped.
+        // unreachable, as kube-proxy's REJECT does. A LoadBalancer IP or externalIP the node
+        // would forward is answered here, with the same refusal, sent back to the client.
         count_drop(DropReason::NoBackend);
-        return Ok(if is_local(ctx, pkt.daddr) {
-            XDP_PASS
-        } else {
-            XDP_DROP
-        });
+        if is_local(ctx, pkt.daddr) {
+            return Ok(XDP_PASS);
+        }
+        return reject::reply::<_, false>(ctx, &pkt).map(|action| action as u32);
     }
+    let key = pkt.ct_key(CT_DIR_SERVICE);
     let (backend_id, backend) = lb::pick(&frontend, &header)?;
     count_flow(header.rev_nat_id);
     // A backend needs source NAT when its replies would not come back through this node: not
     // under eTP Local, not a local endpoint, and routed back out of the interface the packet
     // came in on (an endpoint without nodeName that is a local pod is routed elsewhere).
-    let route = fib(ctx, backend.addr).map(|f| (f.ifindex, next_hop(&f)));
+    let route = fib(ctx, backend.addr);
     let snat = header.flags & SVC_FLAG_EXTERNAL_LOCAL == 0
         && backend.flags & BACKEND_LOCAL == 0
         && route.is_none_or(|(ifindex, _)| ifindex == ctx.ingress_ifindex() as u32);
@@ -137,7 +136,8 @@ pub fn try_from_external(ctx: &XdpContext) -> Result<u32, DropReason> {
         return Ok(XDP_PASS);
     }
 
-    let node = NODE.get(0).copied().unwrap_or_default();
+    // Read in place, not copied: the stack is short.
+    let node = NODE.get(0).ok_or(DropReason::SnatFailed)?;
     if node.snat_addr == 0 || node.snat_port_max < node.snat_port_min {
         return Err(DropReason::SnatFailed);
     }
@@ -265,11 +265,19 @@ fn still_ours(pkt: &Packet, ct: &CtValue) -> Result<(), DropReason> {
     Ok(())
 }
 
-/// The FIB's next hop towards `daddr` (egress interface, MACs), when it has a resolved one.
-#[inline(always)]
-fn fib(ctx: &XdpContext, daddr: u32) -> Option<FibParams> {
+/// The FIB's next hop towards `daddr`, when it has a resolved one: the egress interface and the
+/// MACs a packet leaves with (the next hop's, then the interface's). A call of its own, so the
+/// request's 64 bytes are not on the pipeline's stack (BPF allows 512 for a whole call chain).
+#[inline(never)]
+fn fib(ctx: &XdpContext, daddr: u32) -> Option<(u32, [u8; 12])> {
     let (rc, fib) = fib_lookup(ctx, daddr);
-    (rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS)).then_some(fib)
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        return None;
+    }
+    let mut hop = [0u8; 12];
+    hop[..6].copy_from_slice(&fib.dmac);
+    hop[6..].copy_from_slice(&fib.smac);
+    Some((fib.ifindex, hop))
 }
 
 /// `bpf_fib_lookup` towards `daddr` from the ingress interface: its return code and result.
@@ -293,18 +301,9 @@ fn fib_lookup(ctx: &XdpContext, daddr: u32) -> (i64, FibParams) {
 }
 
 /// Whether `daddr` is one of this node's own addresses (the FIB does not forward it).
-#[inline(always)]
+#[inline(never)]
 fn is_local(ctx: &XdpContext, daddr: u32) -> bool {
     fib_lookup(ctx, daddr).0 == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED)
-}
-
-/// The MACs a packet leaves with towards a FIB result's next hop: its own, then the interface's.
-#[inline(always)]
-fn next_hop(fib: &FibParams) -> [u8; 12] {
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&fib.dmac);
-    macs[6..].copy_from_slice(&fib.smac);
-    macs
 }
 
 /// Sends a rewritten packet towards `daddr`: back out of this interface from XDP when the FIB
@@ -313,13 +312,13 @@ fn next_hop(fib: &FibParams) -> [u8; 12] {
 #[inline(always)]
 fn forward(ctx: &XdpContext, daddr: u32, hop: &mut [u8; 12]) -> u32 {
     if *hop == [0; 12] {
-        let Some(fib) = fib(ctx, daddr) else {
+        let Some((ifindex, found)) = fib(ctx, daddr) else {
             return XDP_PASS;
         };
-        if fib.ifindex != ctx.ingress_ifindex() as u32 {
+        if ifindex != ctx.ingress_ifindex() as u32 {
             return XDP_PASS;
         }
-        *hop = next_hop(&fib);
+        *hop = found;
     }
     let Some(ip) = header_mut::<20, XdpContext>(ctx, IPV4_OFF) else {
         return XDP_PASS;

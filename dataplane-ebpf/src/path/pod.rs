@@ -48,7 +48,7 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, DropReason> {
             return Err(DropReason::NoLocalBackend);
         }
         count_drop(DropReason::NoBackend);
-        return reject::reply(ctx, &pkt);
+        return reject::reply::<_, true>(ctx, &pkt);
     }
     let (backend_id, backend) = lb::pick(&frontend, &header)?;
     count_flow(header.rev_nat_id);
