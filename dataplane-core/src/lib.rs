@@ -21,6 +21,7 @@ pub mod maps;
 pub mod net;
 pub mod object;
 pub mod pipeline;
+pub mod policy;
 pub mod reconcile;
 pub mod relist;
 pub mod source;
