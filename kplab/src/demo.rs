@@ -550,7 +550,7 @@ fn report(state: &State) -> anyhow::Result<(String, Vec<String>)> {
     std::thread::sleep(Duration::from_millis(1500));
     writeln!(
         out,
-        "\n== Datapath counters, per node (per-CPU maps, summed) =="
+        "\n== Datapath counters, per node (per-CPU maps, summed; a flow is one backend pick, at the socket or per packet) =="
     )?;
     for n in &state.nodes {
         let s = agent_status(&n.spec.name)?;
@@ -563,8 +563,13 @@ fn report(state: &State) -> anyhow::Result<(String, Vec<String>)> {
         let per_svc: Vec<String> = s
             .services
             .iter()
-            .filter(|x| x.packets != 0)
-            .map(|x| format!("{} {} pkts", x.frontend, x.packets))
+            .filter(|x| x.packets != 0 || x.flows != 0)
+            .map(|x| {
+                format!(
+                    "{} {} flows, {} pkts translated per packet",
+                    x.frontend, x.flows, x.packets
+                )
+            })
             .collect();
         writeln!(
             out,
