@@ -205,34 +205,13 @@ fn external_paths(dp: &mut Datapath, runs: usize, paths: &mut Vec<PathCost>) -> 
 /// node. Nothing is sent anywhere: test runs only. Returns the guard and ext0's ifindex.
 fn routed_xdp_namespace() -> anyhow::Result<(kplab::netns::Netns, u32)> {
     let ns = kplab::netns::Netns::create(format!("kplbench-xdp-{}", std::process::id()))?;
-    for args in [
-        "link add ext0 address 02:00:00:00:00:aa type veth peer name ext1",
-        "link set ext1 up",
-        "link set ext0 up",
-        "addr add 172.31.0.2/24 dev ext0",
-        "route add 10.244.2.0/24 via 172.31.0.1",
-        "route add 192.0.2.0/24 via 172.31.0.1",
-        "neigh replace 172.31.0.1 lladdr 02:00:00:00:00:01 dev ext0 nud permanent",
-    ] {
-        let ok = std::process::Command::new("ip")
-            .args(["-n", ns.name()])
-            .args(args.split(' '))
-            .status()
-            .context("running ip")?
-            .success();
-        if !ok {
-            bail!("ip -n {} {args} failed", ns.name());
-        }
-    }
+    kplab::netns::add_routed_uplink(ns.name(), "02:00:00:00:00:01")?;
     kplab::netns::enter(ns.name())?;
     // SAFETY: a NUL-terminated name; looked up in this thread's namespace.
     let ifindex = unsafe { libc::if_nametoindex(c"ext0".as_ptr()) };
     if ifindex == 0 {
         bail!("ext0 is missing from {}", ns.name());
     }
-    // The FIB helper answers only where the interface forwards (a node's uplink does).
-    std::fs::write("/proc/sys/net/ipv4/conf/ext0/forwarding", "1")
-        .context("enabling forwarding on ext0")?;
     Ok((ns, ifindex))
 }
 

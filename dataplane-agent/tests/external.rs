@@ -392,29 +392,15 @@ fn source_nated_flows_keep_their_port_and_replies_go_back_to_the_client() {
     assert_eq!(dp.snat_entries().unwrap().len(), 2, "one claim per client");
 }
 
-/// A namespace where the FIB resolves: `ext0` (a veth, MAC 02:00:00:00:00:aa) holds the node's
-/// address, the client and the remote backend lie behind a gateway with a known MAC. Returns
-/// ext0's ifindex.
+/// A namespace where the FIB resolves (`kplab::netns::add_routed_uplink`), entered; ext0's
+/// ifindex.
 fn routed(gateway_mac: &str) -> u32 {
-    isolate();
-    for args in [
-        "link add ext0 address 02:00:00:00:00:aa type veth peer name ext1",
-        "link set ext1 up",
-        "link set ext0 up",
-        "addr add 172.31.0.2/24 dev ext0",
-        "route add 10.244.2.0/24 via 172.31.0.1",
-        "route add 192.0.2.0/24 via 172.31.0.1",
-    ] {
-        ip_cmd(args);
-    }
-    ip_cmd(&format!(
-        "neigh replace 172.31.0.1 lladdr {gateway_mac} dev ext0 nud permanent"
-    ));
+    let ns = Netns::create(format!("kpltest-xdp-{}-routed", std::process::id())).unwrap();
+    kplab::netns::add_routed_uplink(ns.name(), gateway_mac).unwrap();
+    netns::enter(ns.name()).unwrap();
     // SAFETY: a NUL-terminated name; looked up in this thread's namespace.
     let ifindex = unsafe { libc::if_nametoindex(c"ext0".as_ptr()) };
     assert_ne!(ifindex, 0, "ext0 in the test's namespace");
-    // The FIB helper answers only where the interface forwards (a node's uplink does).
-    std::fs::write("/proc/sys/net/ipv4/conf/ext0/forwarding", "1").unwrap();
     ifindex
 }
 

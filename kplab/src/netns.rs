@@ -74,6 +74,31 @@ pub fn enter(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Gives namespace `name` (one the caller created) an uplink as a node has, for XDP test runs
+/// (BPF_PROG_TEST_RUN on a frame "arriving" there): `ext0`, a veth with MAC 02:00:00:00:00:aa,
+/// the address 172.31.0.2/24, forwarding on, and 10.244.2.0/24 and 192.0.2.0/24 routed through
+/// 172.31.0.1, whose MAC is `gateway_mac`, so the FIB resolves next hops. Its peer `ext1` stays
+/// in the namespace too: nothing leaves it.
+///
+/// # Errors
+/// A command failed.
+pub fn add_routed_uplink(name: &str, gateway_mac: &str) -> anyhow::Result<()> {
+    let neigh = format!("neigh replace 172.31.0.1 lladdr {gateway_mac} dev ext0 nud permanent");
+    for args in [
+        "link add ext0 address 02:00:00:00:00:aa type veth peer name ext1",
+        "link set ext1 up",
+        "link set ext0 up",
+        "addr add 172.31.0.2/24 dev ext0",
+        "route add 10.244.2.0/24 via 172.31.0.1",
+        "route add 192.0.2.0/24 via 172.31.0.1",
+        &neigh,
+    ] {
+        run(name, "ip", &args.split(' ').collect::<Vec<_>>())?;
+    }
+    // The FIB helper answers only where the interface forwards (a node's uplink does).
+    run(name, "sysctl", &["-qw", "net.ipv4.conf.ext0.forwarding=1"]).map(drop)
+}
+
 /// The processes running inside `name` (none if it cannot be read).
 #[must_use]
 pub fn pids(name: &str) -> Vec<u32> {
