@@ -483,8 +483,8 @@ fn source_nated_flows_go_back_out_from_xdp_to_the_next_hop_which_each_flow_keeps
     sent(&dp, &reply, new);
 }
 
-#[test]
-fn a_source_nat_port_claimed_by_another_client_drops_the_old_flow_never_misdelivers() {
+/// A NodePort with one remote backend on a node with a single source-NAT port, 61000.
+fn one_port_node() -> Datapath {
     let mut dp = load();
     dp.set_snat(ip(NODE), (61000, 61000)).unwrap();
     program(
@@ -495,6 +495,12 @@ fn a_source_nat_port_claimed_by_another_client_drops_the_old_flow_never_misdeliv
         false,
         &[],
     );
+    dp
+}
+
+#[test]
+fn a_source_nat_port_claimed_by_another_client_drops_the_old_flow_never_misdelivers() {
+    let mut dp = one_port_node();
     let first = Pkt::tcp(CLIENT, 44000, NODE, NODE_PORT, SYN).build();
     let (v, out) = xdp(&dp, &first);
     assert_eq!(translated(v, &out).sport, 61000);
@@ -521,16 +527,7 @@ fn a_source_nat_port_claimed_by_another_client_drops_the_old_flow_never_misdeliv
 
 #[test]
 fn source_nat_exhaustion_is_a_counted_drop_and_an_unconfigured_node_nats_nothing() {
-    let mut dp = load();
-    dp.set_snat(ip(NODE), (61000, 61000)).unwrap();
-    program(
-        &mut dp,
-        NODE,
-        NODE_PORT,
-        &[backend(REMOTE, false)],
-        false,
-        &[],
-    );
+    let dp = one_port_node();
     let (v, out) = xdp(&dp, &Pkt::tcp(CLIENT, 42000, NODE, NODE_PORT, SYN).build());
     assert_eq!(translated(v, &out).sport, 61000);
     let (v, _) = xdp(&dp, &Pkt::tcp(CLIENT, 42001, NODE, NODE_PORT, SYN).build());
