@@ -8,12 +8,13 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use aya::{TestRun as _, TestRunOptions};
-use dataplane_agent::datapath::{CtTable, Datapath};
+use dataplane_agent::agent::Agent;
+use dataplane_agent::datapath::{CtTable, Datapath, monotonic_ns};
 use dataplane_common::{CT_FLAG_SNAT, DropReason, prog_names};
-use dataplane_core::fixtures::packet::{ACK, Parsed, Pkt, RST, SYN, parse_checked};
+use dataplane_core::fixtures::packet::{ACK, FIN, Parsed, Pkt, RST, SYN, parse_checked};
 use dataplane_core::maps::{MapState, backend_value, diff, service_entries};
 use dataplane_core::net::Cidr;
-use dataplane_core::reconcile::MapWriter as _;
+use dataplane_core::reconcile::{MapWriter as _, NodePortAddresses};
 use dataplane_core::translate::{BackendAddr, ExternalSpec, Frontend, FrontendSpec, Proto};
 use kplab::netns::{self, Netns};
 
@@ -523,6 +524,59 @@ fn a_source_nat_port_claimed_by_another_client_drops_the_old_flow_never_misdeliv
     let (v, out) = xdp(&dp, &Pkt::tcp(REMOTE, 8080, NODE, 61000, ACK).build());
     let back = translated(v, &out);
     assert_eq!(back.dst, ip("192.0.2.51"));
+}
+
+#[test]
+fn the_sweep_frees_closed_flows_and_orphaned_claims_and_keeps_live_ones() {
+    let mut dp = load();
+    program(
+        &mut dp,
+        NODE,
+        NODE_PORT,
+        &[backend(REMOTE, false)],
+        false,
+        &[],
+    );
+    let now = monotonic_ns();
+    let s = 1_000_000_000;
+    // A closed 30 s ago (TCP after FIN/RST lives 10 s): its entry and its claim go.
+    dp.set_clock(now - 30 * s).unwrap();
+    for flags in [SYN, ACK | FIN] {
+        let (v, out) = xdp(
+            &dp,
+            &Pkt::tcp(CLIENT, 45000, NODE, NODE_PORT, flags).build(),
+        );
+        translated(v, &out);
+    }
+    // B opened 20 s ago, its forward entry since evicted: its claim is an orphan past the
+    // closing lifetime, though an open connection's would be 6 h.
+    dp.set_clock(now - 20 * s).unwrap();
+    let (v, out) = xdp(&dp, &Pkt::tcp(CLIENT, 45001, NODE, NODE_PORT, SYN).build());
+    translated(v, &out);
+    let (forward_b, _) = *dp
+        .conntrack_entries()
+        .unwrap()
+        .iter()
+        .find(|(k, _)| k.sport == 45001u16.to_be())
+        .unwrap();
+    dp.remove_tracked(CtTable::Conntrack, &forward_b).unwrap();
+    // C is live.
+    dp.set_clock(now).unwrap();
+    let (v, out) = xdp(&dp, &Pkt::tcp(CLIENT, 45002, NODE, NODE_PORT, SYN).build());
+    translated(v, &out);
+    assert_eq!(
+        (
+            dp.conntrack_entries().unwrap().len(),
+            dp.snat_entries().unwrap().len()
+        ),
+        (2, 3)
+    );
+
+    let mut agent = Agent::new("n1".into(), dp, NodePortAddresses::Primary);
+    agent.gc_conntrack();
+    let maps = agent.status().maps;
+    assert_eq!(maps["CONNTRACK_V3"].entries, 1, "C's forward entry");
+    assert_eq!(maps["SNAT_V1"].entries, 1, "C's claim");
 }
 
 #[test]
