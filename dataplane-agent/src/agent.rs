@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use dataplane_common::{CT_DIR_SERVICE, CT_FLAG_CLOSING, CtKey, CtValue, PROTO_TCP, SvcStats};
+use dataplane_common::{
+    CT_DIR_SERVICE, CT_FLAG_CLOSING, CT_FLAG_SNAT, CtKey, CtValue, PROTO_TCP, SvcStats,
+};
 use dataplane_core::index::Target;
 use dataplane_core::pipeline::{KernelReadings, Pipeline};
 use dataplane_core::reconcile::NodePortAddresses;
@@ -355,16 +357,17 @@ impl Agent {
             };
             u128::from(now.saturating_sub(v.last_seen_ns)) > lifetime.as_nanos()
         };
-        let mut live = std::collections::HashSet::with_capacity(entries.len());
+        // The forward entries of source-NATed flows still there: a claim without one is an orphan.
+        let mut live = std::collections::HashSet::new();
         let mut removed = 0;
         for (k, v) in &entries {
             if expired(k, v, false) && self.datapath.remove_tracked(CtTable::Conntrack, k).is_ok() {
                 removed += 1;
-            } else {
+            } else if v.flags & CT_FLAG_SNAT != 0 {
                 live.insert(*k);
             }
         }
-        self.conntrack_entries = live.len() as u64;
+        self.conntrack_entries = entries.len() as u64 - removed;
         let mut freed = 0;
         for (k, v) in &claims {
             let forward = CtKey {

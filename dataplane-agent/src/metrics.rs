@@ -10,6 +10,9 @@ fn esc(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// One figure of a service's status.
+type ServiceFigure = fn(&ServiceStatus) -> u64;
+
 /// Renders the status in the Prometheus text exposition format.
 #[must_use]
 pub fn render(s: &Status) -> String {
@@ -112,37 +115,33 @@ pub fn render(s: &Status) -> String {
     for (label, n) in &s.errors {
         let _ = writeln!(o, "dataplane_errors_total{{label=\"{label}\"}} {n}");
     }
-    family(
-        &mut o,
-        "dataplane_service_packets_total",
-        "counter",
-        "Packets the per-packet programs (TC, XDP) sent towards each service frontend (flows \
-         translated at the socket send theirs straight to the backend and are not counted here).",
-    );
-    for svc in &s.services {
-        let _ = writeln!(
-            o,
-            "dataplane_service_packets_total{{service=\"{}\",frontend=\"{}\"}} {}",
-            esc(&svc.service),
-            esc(&svc.frontend),
-            svc.packets
-        );
-    }
-    family(
-        &mut o,
-        "dataplane_service_flows_total",
-        "counter",
-        "Flows translated to a backend of each service frontend: connections and unconnected \
-         sends at the socket hooks, new flows on the packet paths.",
-    );
-    for svc in &s.services {
-        let _ = writeln!(
-            o,
-            "dataplane_service_flows_total{{service=\"{}\",frontend=\"{}\"}} {}",
-            esc(&svc.service),
-            esc(&svc.frontend),
-            svc.flows
-        );
+    // Per-service counter families: name, help, the figure.
+    let per_service: [(&str, &str, ServiceFigure); 2] = [
+        (
+            "dataplane_service_packets_total",
+            "Packets the per-packet programs (TC, XDP) sent towards each service frontend (flows \
+             translated at the socket send theirs straight to the backend and are not counted \
+             here).",
+            |svc| svc.packets,
+        ),
+        (
+            "dataplane_service_flows_total",
+            "Flows translated to a backend of each service frontend: connections and unconnected \
+             sends at the socket hooks, new flows on the packet paths.",
+            |svc| svc.flows,
+        ),
+    ];
+    for (name, help, value) in per_service {
+        family(&mut o, name, "counter", help);
+        for svc in &s.services {
+            let _ = writeln!(
+                o,
+                "{name}{{service=\"{}\",frontend=\"{}\"}} {}",
+                esc(&svc.service),
+                esc(&svc.frontend),
+                value(svc)
+            );
+        }
     }
     o
 }

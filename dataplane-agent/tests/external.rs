@@ -354,15 +354,7 @@ fn from_external_table() {
 
 #[test]
 fn source_nated_flows_keep_their_port_and_replies_go_back_to_the_client() {
-    let mut dp = load();
-    program(
-        &mut dp,
-        NODE,
-        NODE_PORT,
-        &[backend(REMOTE, false)],
-        false,
-        &[],
-    );
+    let dp = remote_node_port();
     let syn = Pkt::tcp(CLIENT, 41000, NODE, NODE_PORT, SYN).build();
     let (v, out) = xdp(&dp, &syn);
     let fwd = translated(v, &out);
@@ -484,10 +476,9 @@ fn source_nated_flows_go_back_out_from_xdp_to_the_next_hop_which_each_flow_keeps
     sent(&dp, &reply, new);
 }
 
-/// A NodePort with one remote backend on a node with a single source-NAT port, 61000.
-fn one_port_node() -> Datapath {
+/// `NODE:NODE_PORT` with one remote backend (source-NATed), on a node with `SNAT_PORTS`.
+fn remote_node_port() -> Datapath {
     let mut dp = load();
-    dp.set_snat(ip(NODE), (61000, 61000)).unwrap();
     program(
         &mut dp,
         NODE,
@@ -496,6 +487,13 @@ fn one_port_node() -> Datapath {
         false,
         &[],
     );
+    dp
+}
+
+/// The same on a node with a single source-NAT port, 61000.
+fn one_port_node() -> Datapath {
+    let mut dp = remote_node_port();
+    dp.set_snat(ip(NODE), (61000, 61000)).unwrap();
     dp
 }
 
@@ -528,15 +526,7 @@ fn a_source_nat_port_claimed_by_another_client_drops_the_old_flow_never_misdeliv
 
 #[test]
 fn the_sweep_frees_closed_flows_and_orphaned_claims_and_keeps_live_ones() {
-    let mut dp = load();
-    program(
-        &mut dp,
-        NODE,
-        NODE_PORT,
-        &[backend(REMOTE, false)],
-        false,
-        &[],
-    );
+    let mut dp = remote_node_port();
     let now = monotonic_ns();
     let s = 1_000_000_000;
     // A closed 30 s ago (TCP after FIN/RST lives 10 s): its entry and its claim go.

@@ -63,6 +63,8 @@ pub fn try_from_external(ctx: &XdpContext) -> Result<u32, DropReason> {
         }
         if refreshed || ct::closing_flags(&pkt) != 0 {
             still_ours(&pkt, ct)?;
+        }
+        if refreshed {
             ct.next_hop = [0; 12];
         }
         nat_src(ctx, &pkt, ct.snat_addr, ct.snat_port)?;
