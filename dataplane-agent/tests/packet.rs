@@ -31,7 +31,9 @@ fn load() -> Datapath {
         unsafe { libc::geteuid() } == 0,
         "packet tests load eBPF programs and must run as root"
     );
-    Datapath::load().expect("load eBPF object")
+    Datapath::load()
+        .map_err(|e| format!("{e:?}"))
+        .expect("load eBPF object")
 }
 
 /// Programs one frontend with the given backends (ids 1..) under reverse-NAT id 7, laid out by

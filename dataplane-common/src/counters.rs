@@ -42,10 +42,18 @@ pub enum DropReason {
     /// configured yet), or a source-NATed flow lost its reply entry: dropped, never delivered to
     /// another client.
     SnatFailed = 9,
+    /// A new flow into a pod whose ingress is isolated, that no NetworkPolicy admits.
+    PolicyIngress = 10,
+    /// A new flow from a pod whose egress is isolated, that no NetworkPolicy admits.
+    PolicyEgress = 11,
+    /// A flow of a pod whose policy could not be written whole (fail closed), or a packet of an
+    /// enforced pod the policy stage cannot judge (a non-first fragment no any-port rule
+    /// admits, an IPv4 header that cannot be read).
+    PolicyFailClosed = 12,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 13;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         DropReason::Malformed,
         DropReason::NoBackend,
@@ -57,6 +65,9 @@ impl DropReason {
         DropReason::NoLocalBackend,
         DropReason::SourceRange,
         DropReason::SnatFailed,
+        DropReason::PolicyIngress,
+        DropReason::PolicyEgress,
+        DropReason::PolicyFailClosed,
     ];
 
     /// Stable label for metrics and reports.
@@ -73,6 +84,9 @@ impl DropReason {
             DropReason::NoLocalBackend => "no_local_backend",
             DropReason::SourceRange => "source_range",
             DropReason::SnatFailed => "snat_failed",
+            DropReason::PolicyIngress => "policy_ingress",
+            DropReason::PolicyEgress => "policy_egress",
+            DropReason::PolicyFailClosed => "policy_fail_closed",
         }
     }
 }

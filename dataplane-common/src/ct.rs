@@ -36,6 +36,13 @@ pub const CT_FLAG_HAIRPIN: u16 = 2;
 /// is the client (destination rewrite).
 pub const CT_FLAG_SNAT: u16 = 4;
 
+/// An entry that only records a flow policy admitted (a flow of an enforced pod that is not to a
+/// Service): nothing to rewrite.
+pub const CT_FLAG_NO_NAT: u16 = 8;
+/// The flow was opened by the peer towards the local pod (judged on the pod's ingress); without
+/// it, by the local pod (judged on its egress).
+pub const CT_FLAG_INGRESS: u16 = 16;
+
 /// Source address of hairpinned connections (a pod that reached itself through a service),
 /// network byte order: 169.254.42.1, link-local and never a pod or node address.
 pub const HAIRPIN_ADDR: u32 = u32::from_ne_bytes([169, 254, 42, 1]);
@@ -61,7 +68,8 @@ pub struct CtValue {
     /// then the interface's. All zero: not known (ask the FIB); cleared when the entry is
     /// refreshed, so a changed neighbour or route is picked up within a second.
     pub next_hop: [u8; 12],
-    pub pad3: u32,
+    /// `NODE.policy_epoch` when the flow was last judged by policy (pod interfaces).
+    pub policy_epoch: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);

@@ -13,10 +13,13 @@
 //!  SVC_STATS per-CPU [rev_nat_id] --> {packets, bytes, flows}
 //!  CLOCK     [0] --> CLOCK_MONOTONIC ns, written by the agent (conntrack timestamps)
 //!  SOCK_REVNAT {cookie, backend addr, port} --> {frontend addr, port, rev_nat_id} (socket hooks)
-//!  NODE      [0] --> {node netns cookie, SNAT address and ports}, written by the agent
+//!  NODE      [0] --> {node netns cookie, SNAT address and ports, policy epoch}, written by the agent
+//!  POLICY_IDS LPM {addr} --> identity;  POLICY_EP pod addr --> {endpoint id, isolation}
+//!  POLICY    LPM {endpoint, dir, identity, proto, port} --> {policy id} (NetworkPolicy)
+//!  POLICY_STATS per-CPU [endpoint * 2 + dir] --> {allowed, denied}
 //! ```
 //!
-//! One module per map family (`service`, `backend`, `ct`, `counters`), re-exported here. Every
+//! One module per map family (`service`, `backend`, `ct`, `counters`, `sock`, `policy`), re-exported here. Every
 //! type is `#[repr(C)]` with explicit padding and a compile-time size check, so both sides agree
 //! on the layout byte for byte. Addresses and ports are stored in network byte order, exactly as they
 //! appear in the packet, so the datapath never converts.
@@ -25,12 +28,14 @@
 pub mod backend;
 pub mod counters;
 pub mod ct;
+pub mod policy;
 pub mod service;
 pub mod sock;
 
 pub use backend::*;
 pub use counters::*;
 pub use ct::*;
+pub use policy::*;
 pub use service::*;
 pub use sock::*;
 
@@ -46,6 +51,10 @@ pub mod map_names {
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT_V1";
     pub const NODE: &str = "NODE_V3";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES_V1";
+    pub const POLICY_IDS: &str = "POLICY_IDS_V1";
+    pub const POLICY_EP: &str = "POLICY_EP_V1";
+    pub const POLICY: &str = "POLICY_V1";
+    pub const POLICY_STATS: &str = "POLICY_STATS_V1";
 }
 
 /// Program names as they appear in the eBPF object.
@@ -81,3 +90,5 @@ pub const MAX_REV_NAT_IDS: u32 = 1 << 16;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_SCTP: u8 = 132;

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  SOCK_REVNAT {socket cookie, backend addr, backend port} --> {frontend addr, port, rev_nat_id}
-//!  NODE        [0] --> {node netns cookie, SNAT address, SNAT port range, flags}
+//!  NODE        [0] --> {node netns cookie, SNAT address, SNAT port range, flags, policy epoch}
 //! ```
 
 /// Key of `SOCK_REVNAT`: a socket and the backend it was sent to.
@@ -45,13 +45,18 @@ pub struct NodeConfig {
     pub snat_port_max: u16,
     /// `NODE_FLAG_*`.
     pub flags: u32,
-    pub pad: u32,
+    /// Bumped by the agent after every change of the policy maps: a conntrack entry admitted
+    /// under another epoch is judged again on its next packet.
+    pub policy_epoch: u32,
 }
 
 /// `NODE.flags`: the socket hooks translate the sockets of every network namespace under their
 /// cgroup (the node's pods too), not only the node's own; the pods' TC programs then see flows
 /// already addressed to the backend, and translate only what no hook saw.
 pub const NODE_FLAG_SOCKET_PODS: u32 = 1;
+/// `NODE.flags`: some local pod is enforced by NetworkPolicy (has a `POLICY_EP` entry); without
+/// it the pod programs skip the policy stage.
+pub const NODE_FLAG_POLICY: u32 = 2;
 
 const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
 const _: () = assert!(core::mem::size_of::<SockRevValue>() == 8);

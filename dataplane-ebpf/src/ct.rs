@@ -34,7 +34,8 @@ pub fn established(pkt: &Packet) -> Option<(&'static mut CtValue, bool)> {
     Some((ct, refreshed))
 }
 
-/// A new entry, stamped now: the translation to apply to its direction, the connection's state.
+/// A new entry, stamped now: the translation to apply to its direction, the connection's state
+/// (policy epoch 0: the pod paths set theirs).
 #[inline(always)]
 pub fn entry(
     nat_addr: u32,
@@ -55,7 +56,7 @@ pub fn entry(
         snat_port: 0,
         pad2: 0,
         next_hop: [0; 12],
-        pad3: 0,
+        policy_epoch: 0,
     }
 }
 

@@ -30,6 +30,7 @@ mod maps;
 mod nat;
 mod parse;
 mod path;
+mod policy;
 mod reject;
 
 use aya_ebpf::{

@@ -6,9 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
-    Backend, CtKey, CtValue, DropReason, MAX_BACKENDS, MAX_CONNTRACK, MAX_REV_NAT_IDS,
-    MAX_SERVICE_ENTRIES, MAX_SNAT, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, NodeConfig, ServiceKey,
-    ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, SvcStats,
+    Backend, CtKey, CtValue, DropReason, MAX_BACKENDS, MAX_CONNTRACK, MAX_POLICY_ENDPOINTS,
+    MAX_POLICY_IDS, MAX_POLICY_RULES, MAX_REV_NAT_IDS, MAX_SERVICE_ENTRIES, MAX_SNAT,
+    MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, NodeConfig, PolicyCounters, PolicyEndpoint, PolicyKey,
+    PolicyValue, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, SvcStats,
 };
 
 /// Service frontends: slot 0 is the header, slots 1..=count the backend ids. Written by the agent.
@@ -63,3 +64,27 @@ pub static NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);
 #[map(name = "SOURCE_RANGES_V1")]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
     LpmTrie::with_max_entries(MAX_SOURCE_RANGES, BPF_F_NO_PREALLOC);
+
+/// NetworkPolicy peers: address prefix -> identity (longest match; 0.0.0.0/0 is always there).
+/// Written by the agent.
+#[map(name = "POLICY_IDS_V1")]
+pub static POLICY_IDS: LpmTrie<u32, u32> =
+    LpmTrie::with_max_entries(MAX_POLICY_IDS, BPF_F_NO_PREALLOC);
+
+/// Local pods enforced by NetworkPolicy: pod address -> endpoint id and isolated directions.
+/// Written by the agent.
+#[map(name = "POLICY_EP_V1")]
+pub static POLICY_EP: HashMap<u32, PolicyEndpoint> =
+    HashMap::with_max_entries(MAX_POLICY_ENDPOINTS, BPF_F_NO_PREALLOC);
+
+/// What each enforced pod admits: {endpoint, direction, peer identity, protocol, port prefix}
+/// -> the admitting policy. Written by the agent.
+#[map(name = "POLICY_V1")]
+pub static POLICY: LpmTrie<PolicyKey, PolicyValue> =
+    LpmTrie::with_max_entries(MAX_POLICY_RULES, BPF_F_NO_PREALLOC);
+
+/// New flows admitted and denied per endpoint and direction (`endpoint * 2 + dir`). Written by
+/// the datapath; read by the agent.
+#[map(name = "POLICY_STATS_V1")]
+pub static POLICY_STATS: PerCpuArray<PolicyCounters> =
+    PerCpuArray::with_max_entries(MAX_POLICY_ENDPOINTS * 2, 0);

@@ -1,0 +1,107 @@
+//! The NetworkPolicy maps: who a peer is (`POLICY_IDS`), which local pods are enforced
+//! (`POLICY_EP`), and what each enforced pod admits (`POLICY`).
+//!
+//! ```text
+//!  POLICY_IDS LPM {addr}                                   --> identity (longest prefix wins)
+//!  POLICY_EP  pod addr                                     --> {endpoint id, isolation flags}
+//!  POLICY     LPM {endpoint, dir, identity, proto, port}   --> {policy id}
+//! ```
+//!
+//! A new flow of an enforced pod in an isolated direction is looked up twice in `POLICY`: with
+//! the peer's identity, then with [`POLICY_ANY_PEER`]. The key's fields are big-endian so that a
+//! prefix of the key is a prefix of its fields: 64 bits match any protocol and port (a rule
+//! without ports), 72 a protocol with any port, `80 + n` the top `n` bits of the port (a port
+//! range is a few such prefixes).
+
+/// `POLICY` key direction: traffic into the local pod.
+pub const POLICY_DIR_INGRESS: u8 = 0;
+/// `POLICY` key direction: traffic the local pod sends.
+pub const POLICY_DIR_EGRESS: u8 = 1;
+
+/// The identity of a rule that admits any peer (no `from` / `to`).
+pub const POLICY_ANY_PEER: u32 = 0;
+
+/// Prefix bits of a [`PolicyKey`] up to and including the identity: any protocol, any port.
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 64;
+/// Prefix bits up to and including the protocol: any port of it.
+pub const POLICY_PREFIX_ANY_PORT: u32 = 72;
+/// Prefix bits before the port; a port prefix of `n` bits is `POLICY_PREFIX_PORT + n`.
+pub const POLICY_PREFIX_PORT: u32 = 80;
+
+/// Key of `POLICY` (an LPM trie; see the module docs for the prefix lengths).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    /// The local pod's endpoint id, big-endian.
+    pub endpoint: u16,
+    /// `POLICY_DIR_*`.
+    pub dir: u8,
+    pub pad: u8,
+    /// The peer's identity (from `POLICY_IDS`), or [`POLICY_ANY_PEER`]; big-endian.
+    pub identity: u32,
+    pub proto: u8,
+    pub pad2: u8,
+    /// The local pod's port (ingress) or the peer's (egress), network byte order.
+    pub port: u16,
+}
+
+/// Value of `POLICY`: the policy that admits the key (an id the agent maps to namespace/name).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyValue {
+    pub policy_id: u32,
+}
+
+/// `POLICY_EP` flag: the pod's ingress is isolated (some policy of that direction selects it).
+pub const EP_INGRESS_ISOLATED: u8 = 1;
+/// `POLICY_EP` flag: the pod's egress is isolated.
+pub const EP_EGRESS_ISOLATED: u8 = 2;
+/// `POLICY_EP` flag: the pod's policy could not be written whole (a map was full): every new
+/// flow of the pod is denied, in both directions, until it can.
+pub const EP_DENY_ALL: u8 = 4;
+
+/// Value of `POLICY_EP`, keyed by a local pod's address (network byte order). A pod without an
+/// entry is enforced in neither direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyEndpoint {
+    pub endpoint: u16,
+    /// `EP_*`.
+    pub flags: u8,
+    pub pad: u8,
+}
+
+/// `POLICY_STATS` per-CPU slot of an endpoint and direction: `endpoint * 2 + dir`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyCounters {
+    /// New flows admitted, and denied, in this direction.
+    pub allowed: u64,
+    pub denied: u64,
+}
+
+/// Endpoint ids index `POLICY_STATS` (two slots each); id 0 is never allocated.
+pub const MAX_POLICY_ENDPOINTS: u32 = 1 << 14;
+/// Entries of the `POLICY` trie.
+pub const MAX_POLICY_RULES: u32 = 1 << 20;
+/// Entries of the `POLICY_IDS` trie.
+pub const MAX_POLICY_IDS: u32 = 1 << 18;
+
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 4);
+const _: () = assert!(core::mem::size_of::<PolicyEndpoint>() == 4);
+const _: () = assert!(core::mem::size_of::<PolicyCounters>() == 16);
+
+#[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]`, `Copy`, explicit padding fields and no pointers: any bit pattern is a valid
+// value and the bytes can be shared with the kernel as they are.
+unsafe impl aya::Pod for PolicyKey {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for PolicyValue {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for PolicyEndpoint {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for PolicyCounters {}
