@@ -150,7 +150,7 @@ impl Agent {
         }
         for problem in &applied.problems {
             let label = problem.metric_label();
-            warn!(service = %problem.service(), label, "{problem}");
+            warn!(object = %problem.object(), label, "{problem}");
         }
         if applied.dirty.contains(&Target::Pods) || self.pipeline.generation() == 1 {
             self.sync_interfaces();
@@ -226,7 +226,7 @@ impl Agent {
                 .pipeline
                 .set_local_addresses(local_addresses(), &mut self.datapath);
             for problem in &report.problems {
-                warn!(service = %problem.service(), label = problem.metric_label(), "{problem}");
+                warn!(object = %problem.object(), label = problem.metric_label(), "{problem}");
             }
         }
     }

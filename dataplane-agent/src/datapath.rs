@@ -19,8 +19,9 @@ use aya::{
     },
 };
 use dataplane_common::{
-    Backend, CtKey, CtValue, DropReason, NODE_FLAG_SOCKET_PODS, NodeConfig, ServiceKey,
-    ServiceValue, SourceRangeKey, SvcStats, map_names, prog_names,
+    Backend, CtKey, CtValue, DropReason, NODE_FLAG_POLICY, NODE_FLAG_SOCKET_PODS, NodeConfig,
+    PolicyCounters, PolicyEndpoint, PolicyKey, PolicyValue, ServiceKey, ServiceValue,
+    SourceRangeKey, SvcStats, map_names, prog_names,
 };
 
 /// The socket hooks, attached together to one cgroup.
@@ -103,12 +104,24 @@ pub struct Datapath {
     node: Array<MapData, NodeConfig>,
     node_config: NodeConfig,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    policy_ids: LpmTrie<MapData, u32, u32>,
+    policy_ep: HashMap<MapData, u32, PolicyEndpoint>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    policy_stats: PerCpuArray<MapData, PolicyCounters>,
     attached: BTreeMap<String, Attachment>,
     /// The node's external interfaces (XDP and TC egress), apart from pod interfaces.
     external: BTreeMap<String, (Attachment, XdpAttachMode)>,
     /// The cgroup the socket hooks are attached to, and their links.
     cgroup: Option<(PathBuf, Vec<AttachedLink>)>,
     pin_dir: Option<PathBuf>,
+}
+
+/// The policy epoch a freshly loaded datapath starts at: a value conntrack entries pinned by an
+/// earlier agent are unlikely to carry (they are judged again on their next packet otherwise).
+fn first_policy_epoch() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.subsec_nanos() ^ (d.as_secs() as u32))
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
@@ -184,6 +197,7 @@ impl Datapath {
         let mut node: Array<MapData, NodeConfig> = take_map(&mut ebpf, map_names::NODE)?;
         let node_config = NodeConfig {
             netns_cookie: own_netns_cookie()?,
+            policy_epoch: first_policy_epoch(),
             ..NodeConfig::default()
         };
         node.set(0, node_config, 0)
@@ -197,6 +211,10 @@ impl Datapath {
             svc_stats: take_map(&mut ebpf, map_names::SVC_STATS)?,
             clock: take_map(&mut ebpf, map_names::CLOCK)?,
             source_ranges: take_map(&mut ebpf, map_names::SOURCE_RANGES)?,
+            policy_ids: take_map(&mut ebpf, map_names::POLICY_IDS)?,
+            policy_ep: take_map(&mut ebpf, map_names::POLICY_EP)?,
+            policy: take_map(&mut ebpf, map_names::POLICY)?,
+            policy_stats: take_map(&mut ebpf, map_names::POLICY_STATS)?,
             node,
             node_config,
             ebpf,
@@ -622,6 +640,22 @@ impl Datapath {
         }))
     }
 
+    /// New flows admitted and denied for one policy endpoint and direction
+    /// (`POLICY_DIR_*`), summed over CPUs.
+    ///
+    /// # Errors
+    /// The map could not be read.
+    pub fn policy_counters(&self, endpoint: u16, dir: u8) -> anyhow::Result<PolicyCounters> {
+        let slot = u32::from(endpoint) * 2 + u32::from(dir);
+        let per_cpu = self.policy_stats.get(&slot, 0)?;
+        Ok(per_cpu
+            .iter()
+            .fold(PolicyCounters::default(), |acc, c| PolicyCounters {
+                allowed: acc.allowed + c.allowed,
+                denied: acc.denied + c.denied,
+            }))
+    }
+
     /// Service map entries, as the kernel holds them.
     ///
     /// # Errors
@@ -692,6 +726,44 @@ impl MapWriter for Datapath {
                     Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                     Err(e) => return Err(e.into()),
                 }
+            }
+            Op::UpsertPolicyRule(r, v) => {
+                self.policy.insert(&Key::new(r.prefix_len, r.key), v, 0)?;
+            }
+            Op::DeletePolicyRule(r) => match self.policy.remove(&Key::new(r.prefix_len, r.key)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            },
+            Op::UpsertPolicyEndpoint(addr, ep) => self.policy_ep.insert(addr, ep, 0)?,
+            Op::DeletePolicyEndpoint(addr) => match self.policy_ep.remove(addr) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            },
+            Op::UpsertPolicyId(p, id) => {
+                self.policy_ids
+                    .insert(&Key::new(u32::from(p.len), p.addr), id, 0)?;
+            }
+            Op::DeletePolicyId(p) => {
+                match self.policy_ids.remove(&Key::new(u32::from(p.len), p.addr)) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Op::PolicyCommit { enforced } => {
+                let flags = if *enforced {
+                    self.node_config.flags | NODE_FLAG_POLICY
+                } else {
+                    self.node_config.flags & !NODE_FLAG_POLICY
+                };
+                let config = NodeConfig {
+                    flags,
+                    policy_epoch: self.node_config.policy_epoch.wrapping_add(1),
+                    ..self.node_config
+                };
+                self.node
+                    .set(0, config, 0)
+                    .context("writing the node's policy epoch")?;
+                self.node_config = config;
             }
         }
         Ok(())

@@ -30,6 +30,8 @@ pub enum Target {
     Pods,
     /// A Node's InternalIPs changed (the local node's are where NodePorts answer).
     Node(String),
+    /// NetworkPolicy: what pods, namespaces (their labels) and policies say changed.
+    Policy,
 }
 
 /// What a change touched: the targets to re-derive.
@@ -65,7 +67,7 @@ impl Dirty {
     pub fn services(&self) -> impl Iterator<Item = &NsName> {
         self.0.iter().filter_map(|t| match t {
             Target::Service(s) => Some(s),
-            Target::Pods | Target::Node(_) => None,
+            Target::Pods | Target::Node(_) | Target::Policy => None,
         })
     }
 }
@@ -119,9 +121,11 @@ impl Index {
             Object::Pod(pod) => {
                 self.pods.insert(id, *pod);
                 dirty.insert(Target::Pods);
+                dirty.insert(Target::Policy);
             }
             Object::Namespace(ns) => {
                 self.namespaces.insert(id.name, *ns);
+                dirty.insert(Target::Policy);
             }
             Object::Node(node) => {
                 // A Node is rewritten often (status, heartbeats); only its addresses are derived.
@@ -133,6 +137,7 @@ impl Index {
             }
             Object::NetworkPolicy(np) => {
                 self.network_policies.insert(id, *np);
+                dirty.insert(Target::Policy);
             }
         }
         dirty
@@ -155,10 +160,13 @@ impl Index {
             Kind::Pod => {
                 if self.pods.remove(&id).is_some() {
                     dirty.insert(Target::Pods);
+                    dirty.insert(Target::Policy);
                 }
             }
             Kind::Namespace => {
-                self.namespaces.remove(&id.name);
+                if self.namespaces.remove(&id.name).is_some() {
+                    dirty.insert(Target::Policy);
+                }
             }
             Kind::Node => {
                 let before = self.node_internal_ips(&id.name);
@@ -167,7 +175,9 @@ impl Index {
                 }
             }
             Kind::NetworkPolicy => {
-                self.network_policies.remove(&id);
+                if self.network_policies.remove(&id).is_some() {
+                    dirty.insert(Target::Policy);
+                }
             }
         }
         dirty

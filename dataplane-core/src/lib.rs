@@ -22,6 +22,7 @@ pub mod net;
 pub mod object;
 pub mod pipeline;
 pub mod policy;
+pub mod policy_maps;
 pub mod reconcile;
 pub mod relist;
 pub mod source;

@@ -12,11 +12,12 @@
 use std::collections::BTreeMap;
 
 use dataplane_common::{
-    BACKEND_LOCAL, Backend, SCOPE_CLUSTER, SCOPE_EXTERNAL, SOURCE_RANGE_ID_BITS,
-    SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue,
-    SourceRangeKey,
+    BACKEND_LOCAL, Backend, PolicyEndpoint, PolicyValue, SCOPE_CLUSTER, SCOPE_EXTERNAL,
+    SOURCE_RANGE_ID_BITS, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SourceRangeKey,
 };
 
+use crate::policy_maps::{IdPrefix, PolicyTables, RulePrefix};
 use crate::table::Plan;
 use crate::translate::{BackendAddr, Frontend, FrontendSpec};
 
@@ -29,6 +30,17 @@ pub enum Op {
     DeleteService(ServiceKey),
     DeleteSourceRange(SourceRange),
     DeleteBackend(u32),
+    UpsertPolicyRule(RulePrefix, PolicyValue),
+    UpsertPolicyEndpoint(u32, PolicyEndpoint),
+    UpsertPolicyId(IdPrefix, u32),
+    DeletePolicyId(IdPrefix),
+    DeletePolicyEndpoint(u32),
+    DeletePolicyRule(RulePrefix),
+    /// The policy maps changed: bump the policy epoch (tracked flows are judged again), and
+    /// whether any local pod is enforced now.
+    PolicyCommit {
+        enforced: bool,
+    },
 }
 
 /// One `SOURCE_RANGES` entry: the trie key and its prefix length (in bits, id included).
@@ -44,6 +56,10 @@ pub struct MapState {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
     pub source_ranges: BTreeMap<SourceRange, ()>,
+    pub policy: PolicyTables,
+    /// Policy commits so far (the epoch the datapath would have), and whether a pod is enforced.
+    pub policy_epoch: u32,
+    pub policy_enforced: bool,
 }
 
 impl MapState {
@@ -68,6 +84,28 @@ impl MapState {
                 }
                 Op::DeleteSourceRange(r) => {
                     self.source_ranges.remove(&r);
+                }
+                Op::UpsertPolicyRule(k, v) => {
+                    self.policy.rules.insert(k, v);
+                }
+                Op::UpsertPolicyEndpoint(k, v) => {
+                    self.policy.endpoints.insert(k, v);
+                }
+                Op::UpsertPolicyId(k, v) => {
+                    self.policy.ids.insert(k, v);
+                }
+                Op::DeletePolicyId(k) => {
+                    self.policy.ids.remove(&k);
+                }
+                Op::DeletePolicyEndpoint(k) => {
+                    self.policy.endpoints.remove(&k);
+                }
+                Op::DeletePolicyRule(k) => {
+                    self.policy.rules.remove(&k);
+                }
+                Op::PolicyCommit { enforced } => {
+                    self.policy_epoch += 1;
+                    self.policy_enforced = enforced;
                 }
             }
         }

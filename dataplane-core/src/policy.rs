@@ -154,11 +154,27 @@ pub enum PolicyProblem {
     },
 }
 
+impl PolicyProblem {
+    /// The policy it is about.
+    #[must_use]
+    pub fn policy(&self) -> &NsName {
+        match self {
+            PolicyProblem::Selector { policy, .. }
+            | PolicyProblem::Cidr { policy, .. }
+            | PolicyProblem::Port { policy, .. } => policy,
+        }
+    }
+}
+
 /// The compiled tables for one node's pods.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Compiled {
     /// Prefix -> identity; an address takes its longest match. 0.0.0.0/0 is always present.
     pub identities: BTreeMap<Cidr, u32>,
+    /// Per identity, a digest of what it means (the peers its addresses are in, by where they
+    /// are written, and the named ports they resolve): equal across compiles while the meaning
+    /// is, so the maps can keep one identity number for it.
+    pub stable: BTreeMap<u32, u64>,
     /// This node's pods (by address) and what they admit.
     pub endpoints: BTreeMap<Ipv4Addr, Endpoint>,
     pub problems: Vec<PolicyProblem>,
@@ -230,6 +246,9 @@ fn namespace_labels(namespaces: &BTreeMap<String, Namespace>, ns: &str) -> Label
 struct Peer {
     pods: BTreeSet<usize>,
     block: Option<(Cidr, Vec<Cidr>)>,
+    /// Where it is written (policy, direction, rule, position), hashed: the same peer of the same
+    /// policy has the same origin in every compile, whatever else changed.
+    origin: u64,
 }
 
 /// One rule of one policy: the local pods it applies to, its peers as indexes into the peer list
@@ -317,12 +336,16 @@ pub fn compile(
             if !on {
                 continue;
             }
-            for (rule_peers, ports) in dir_rules {
+            for (rule_at, (rule_peers, ports)) in dir_rules.into_iter().enumerate() {
                 let listed = rule_peers.unwrap_or_default();
                 let ids: Vec<usize> = listed
                     .iter()
-                    .map(|peer| {
-                        peers.push(resolve_peer(name, peer, &views, namespaces, &mut problems));
+                    .enumerate()
+                    .map(|(peer_at, peer)| {
+                        let mut resolved =
+                            resolve_peer(name, peer, &views, namespaces, &mut problems);
+                        resolved.origin = digest(&(name, is_ingress, rule_at, peer_at));
+                        peers.push(resolved);
                         peers.len() - 1
                     })
                     .collect();
@@ -382,8 +405,18 @@ pub fn compile(
         })
         .collect();
     problems.dedup();
+    let stable = identities
+        .signatures
+        .iter()
+        .map(|(&id, sig)| {
+            let mut origins: Vec<u64> = sig.peers.iter().map(|&p| peers[p].origin).collect();
+            origins.sort_unstable();
+            (id, digest(&(origins, &sig.named)))
+        })
+        .collect();
     Compiled {
         identities: identities.by_prefix,
+        stable,
         endpoints,
         problems,
     }
@@ -595,6 +628,12 @@ impl Identities {
     }
 }
 
+/// A digest that is the same in every compile of this process.
+fn digest<T: std::hash::Hash>(value: &T) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
+}
+
 /// Whether prefix `inner` lies within prefix `outer`.
 fn within(inner: &Cidr, outer: &Cidr) -> bool {
     inner.len >= outer.len && outer.contains(inner.addr)
@@ -610,6 +649,7 @@ fn resolve_peer(
     let mut out = Peer {
         pods: BTreeSet::new(),
         block: None,
+        origin: 0,
     };
     if let Some(b) = &peer.ip_block {
         let parse = |s: &str| {
@@ -662,6 +702,7 @@ fn resolve_peer(
                     return Peer {
                         pods: BTreeSet::new(),
                         block: None,
+                        origin: 0,
                     };
                 }
             },

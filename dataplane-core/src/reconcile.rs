@@ -18,6 +18,8 @@ use crate::index::{Dirty, Index, Target};
 use crate::maps::{MapState, Op, backend_value, diff, service_entries};
 use crate::net::{Cidr, CidrError};
 use crate::object::NsName;
+use crate::policy::PolicyProblem;
+use crate::policy_maps::PolicySync;
 use crate::table::IdPool;
 use crate::translate::{
     BackendAddr, Frontend, FrontendSpec, NodeView, TranslateError, translate_service_on,
@@ -80,19 +82,30 @@ pub enum SyncProblem {
         op: String,
         error: String,
     },
+    #[error("NetworkPolicy {0}")]
+    Policy(PolicyProblem),
+    #[error("NetworkPolicy maps: write failed, {} denied until it succeeds: {message}", pod.map_or_else(|| "every enforced pod".to_owned(), |p| format!("pod {p}")))]
+    PolicyWrite {
+        pod: Option<Ipv4Addr>,
+        message: String,
+    },
 }
 
 impl SyncProblem {
-    /// The Service it is about.
+    /// The object it is about: a Service, a NetworkPolicy, or a pod whose policy failed closed.
     #[must_use]
-    pub fn service(&self) -> &NsName {
+    pub fn object(&self) -> String {
         match self {
             SyncProblem::Translation { service, .. }
             | SyncProblem::Skipped { service, .. }
             | SyncProblem::FrontendTaken { service, .. }
             | SyncProblem::NoRevNatId { service, .. }
             | SyncProblem::BackendTableFull { service }
-            | SyncProblem::MapWrite { service, .. } => service,
+            | SyncProblem::MapWrite { service, .. } => format!("Service {service}"),
+            SyncProblem::Policy(p) => format!("NetworkPolicy {}", p.policy()),
+            SyncProblem::PolicyWrite { pod, .. } => {
+                pod.map_or_else(|| "NetworkPolicy maps".to_owned(), |p| format!("pod {p}"))
+            }
         }
     }
 
@@ -105,6 +118,8 @@ impl SyncProblem {
             SyncProblem::NoRevNatId { .. } => "rev_nat_ids_exhausted",
             SyncProblem::BackendTableFull { .. } => "backend_table_full",
             SyncProblem::MapWrite { .. } => "map_write",
+            SyncProblem::Policy(_) => "policy_invalid",
+            SyncProblem::PolicyWrite { .. } => "policy_map_write",
         }
     }
 }
@@ -151,6 +166,8 @@ pub struct Reconciler {
     rev_nat_pool: IdPool,
     backend_ids: HashMap<BackendAddr, (u32, usize)>,
     backend_pool: IdPool,
+    /// NetworkPolicy for this node's pods (a reconciler without a node enforces none).
+    policy: Option<PolicySync>,
 }
 
 impl Default for Reconciler {
@@ -165,6 +182,7 @@ impl Default for Reconciler {
             rev_nat_pool: IdPool::new(MAX_REV_NAT_IDS),
             backend_ids: HashMap::new(),
             backend_pool: IdPool::new(MAX_BACKENDS),
+            policy: None,
         }
     }
 }
@@ -176,6 +194,7 @@ impl Reconciler {
         Self {
             node: Some(node.to_owned()),
             nodeport_addresses,
+            policy: Some(PolicySync::new(node)),
             ..Self::default()
         }
     }
@@ -237,6 +256,12 @@ impl Reconciler {
         self.rev_nat_ids.get(frontend).copied()
     }
 
+    /// The NetworkPolicy state of this node, if it enforces any.
+    #[must_use]
+    pub fn policy(&self) -> Option<&PolicySync> {
+        self.policy.as_ref()
+    }
+
     /// Every programmed frontend with its service, for reports.
     pub fn frontends(&self) -> impl Iterator<Item = (&NsName, &FrontendSpec)> {
         self.programmed
@@ -261,6 +286,21 @@ impl Reconciler {
                         .collect();
                     for svc in &all {
                         report.merge(self.sync_service(index, svc, writer));
+                    }
+                }
+                Target::Policy => {
+                    if let Some(policy) = &mut self.policy {
+                        let synced = policy.sync(index, writer);
+                        report.ops += synced.ops;
+                        report
+                            .problems
+                            .extend(synced.problems.into_iter().map(SyncProblem::Policy));
+                        report.problems.extend(
+                            synced
+                                .failures
+                                .into_iter()
+                                .map(|(pod, message)| SyncProblem::PolicyWrite { pod, message }),
+                        );
                     }
                 }
                 Target::Pods | Target::Node(_) => {}
