@@ -19,6 +19,7 @@ pub mod probe;
 mod serve;
 mod topology;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,7 @@ use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 
 pub use cluster::{NodeSpec, PodSpec, ServiceSpec};
-pub use matrix::render as matrix_table;
+pub use matrix::{Matrix, probe_all as probe_matrix, render as matrix_table};
 
 #[derive(Subcommand)]
 pub enum LabCmd {
@@ -43,7 +44,9 @@ pub enum LabCmd {
         /// Create the objects in this API server and run the agents with the Kubernetes source.
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
-        /// External hosts on the underlay, as NAME=IP.
+        /// External hosts on the underlay, as NAME=IP, optionally serving ports like a pod:
+        /// NAME=IP:tcp/80,udp/53 (the lab's server: HTTP on TCP, echo on UDP). They route every
+        /// node's podCIDR to that node, so they reach pods directly.
         #[arg(long = "external")]
         externals: Vec<String>,
     },
@@ -62,11 +65,15 @@ pub enum LabCmd {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
-    /// Reachability table: pods x (pods and services) x ports.
+    /// Reachability table: pods and external hosts x (pods, external hosts and services) x ports.
     Matrix {
         /// Per-probe timeout in milliseconds.
         #[arg(long, default_value_t = 300)]
         timeout_ms: u64,
+        /// A table in the format this prints, edited to what should be: print the cells that
+        /// differ, and fail when any does.
+        #[arg(long)]
+        expect: Option<PathBuf>,
     },
     /// Stop or start every node's agent (a restart keeps connections: see ARCHITECTURE.md).
     Agents {
@@ -137,6 +144,13 @@ pub struct ExternalState {
     pub name: String,
     pub ip: std::net::Ipv4Addr,
     pub netns: String,
+    /// Ports its lab server listens on.
+    #[serde(default)]
+    pub tcp: Vec<u16>,
+    #[serde(default)]
+    pub udp: Vec<u16>,
+    #[serde(default)]
+    pub server_pid: u32,
 }
 
 /// Everything `down` needs to undo, and `probe`/`matrix` need to find.
@@ -275,7 +289,9 @@ pub fn main(cmd: LabCmd) -> anyhow::Result<()> {
         }
         LabCmd::Probe(args) => probe::main(&args),
         LabCmd::Exec { on, command } => exec(&on, &command),
-        LabCmd::Matrix { timeout_ms } => matrix::main(Duration::from_millis(timeout_ms)),
+        LabCmd::Matrix { timeout_ms, expect } => {
+            matrix::main(Duration::from_millis(timeout_ms), expect.as_deref())
+        }
         LabCmd::Down => {
             require_root()?;
             down()
@@ -380,18 +396,31 @@ pub fn up(
             state.save()?;
         }
         for x in externals {
-            let (name, ip) = x
-                .split_once('=')
-                .with_context(|| format!("--external {x:?}: expected NAME=IP"))?;
-            let ip = ip
-                .parse()
-                .with_context(|| format!("--external {x:?}: bad IP"))?;
-            let netns = topology::create_external(&state.prefix, name, ip, &cluster.nodes)?;
-            state.externals.push(ExternalState {
-                name: name.to_owned(),
+            let (name, ip, tcp, udp) = parse_external(x)?;
+            let netns = topology::create_external(&state.prefix, &name, ip, &cluster.nodes)?;
+            let mut host = ExternalState {
+                name,
                 ip,
                 netns,
-            });
+                tcp,
+                udp,
+                server_pid: 0,
+            };
+            if !(host.tcp.is_empty() && host.udp.is_empty()) {
+                let log = home().join(format!("external-{}.log", host.name));
+                let as_pod = PodSpec {
+                    key: format!("external/{}", host.name),
+                    node: String::new(),
+                    ip,
+                    tcp: host.tcp.clone(),
+                    udp: host.udp.clone(),
+                    server: None,
+                    labels: BTreeMap::new(),
+                };
+                host.server_pid =
+                    spawn_lab_server(&as_pod, (&host.netns, None), &log, &programs.kplab)?;
+            }
+            state.externals.push(host);
             state.save()?;
         }
         for pod in &cluster.pods {
@@ -465,6 +494,32 @@ fn route_external_addresses(state: &State) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `NAME=IP` or `NAME=IP:tcp/80,udp/53`.
+fn parse_external(x: &str) -> anyhow::Result<(String, std::net::Ipv4Addr, Vec<u16>, Vec<u16>)> {
+    let (name, rest) = x
+        .split_once('=')
+        .with_context(|| format!("--external {x:?}: expected NAME=IP[:tcp/PORT,udp/PORT]"))?;
+    let (ip, ports) = rest.split_once(':').unwrap_or((rest, ""));
+    let ip = ip
+        .parse()
+        .with_context(|| format!("--external {x:?}: bad IP {ip:?}"))?;
+    let (mut tcp, mut udp) = (Vec::new(), Vec::new());
+    for p in ports.split(',').filter(|p| !p.is_empty()) {
+        let (proto, port) = p.split_once('/').with_context(|| {
+            format!("--external {x:?}: expected tcp/PORT or udp/PORT, got {p:?}")
+        })?;
+        let port: u16 = port
+            .parse()
+            .with_context(|| format!("--external {x:?}: bad port {port:?}"))?;
+        match proto {
+            "tcp" => tcp.push(port),
+            "udp" => udp.push(port),
+            _ => bail!("--external {x:?}: protocol {proto:?} is not tcp or udp"),
+        }
+    }
+    Ok((name.to_owned(), ip, tcp, udp))
 }
 
 fn add_pod(state: &State, pod: &PodSpec, kplab: &Path) -> anyhow::Result<PodState> {
@@ -856,6 +911,7 @@ pub fn down() -> anyhow::Result<()> {
             .iter()
             .map(|n| n.agent_pid)
             .chain(state.pods.iter().map(|p| p.server_pid))
+            .chain(state.externals.iter().map(|x| x.server_pid))
             .chain(state.relay_pids.iter().copied());
         topology::stop(pids);
         if let (Some(kc), false) = (&state.kubeconfig, state.created.is_empty()) {

@@ -175,6 +175,20 @@ pub fn create_external(
 ) -> anyhow::Result<String> {
     let netns = format!("{prefix}-x-{name}");
     create_host(prefix, &netns, addr, nodes)?;
+    // A routed underlay (as BGP-peered CNIs give): each node's pods are reached through it.
+    for node in nodes {
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            &node.pod_cidr,
+            "via",
+            &node.ip.to_string(),
+            "dev",
+            "eth0",
+        ])?;
+    }
     for node in nodes {
         ip(&[
             "-n",

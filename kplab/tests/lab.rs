@@ -1230,3 +1230,283 @@ fn with_a_real_api_server_objects_are_created_agents_watch_them_and_down_deletes
         "namespaces are kept"
     );
 }
+
+/// The NetworkPolicy test cluster: namespaces prod (team=blue) and dev (team=red); prod/web on
+/// node-a (named port http), prod/api (TCP 8080, UDP 5353) and prod/client on node-b, dev/client
+/// on node-a; Service prod/web; `policies` beside them.
+fn policy_manifests(dir: &Path, dev_team: &str, policies: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut m = String::new();
+    for (name, cidr, ip) in [
+        ("node-a", "10.245.1.0/24", "172.31.0.2"),
+        ("node-b", "10.245.2.0/24", "172.31.0.3"),
+    ] {
+        m += &format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{podCIDR: {cidr}}}\n\
+             status: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n---\n"
+        );
+    }
+    for (ns, team) in [("prod", "blue"), ("dev", dev_team)] {
+        m += &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{team: {team}}}}}\n---\n"
+        );
+    }
+    for (ns, name, node, ip, app, ports) in [
+        (
+            "prod",
+            "web",
+            "node-a",
+            "10.245.1.21",
+            "web",
+            "[{name: http, containerPort: 8080, protocol: TCP}]",
+        ),
+        (
+            "prod",
+            "api",
+            "node-b",
+            "10.245.2.22",
+            "api",
+            "[{containerPort: 8080, protocol: TCP}, {name: dns, containerPort: 5353, protocol: UDP}]",
+        ),
+        (
+            "prod",
+            "client",
+            "node-b",
+            "10.245.2.10",
+            "client",
+            "[{containerPort: 8080, protocol: TCP}]",
+        ),
+        (
+            "dev",
+            "client",
+            "node-a",
+            "10.245.1.10",
+            "client",
+            "[{containerPort: 8080, protocol: TCP}]",
+        ),
+    ] {
+        m += &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}}}\n\
+             spec: {{nodeName: {node}, containers: [{{name: c, image: lab/server, ports: {ports}}}]}}\n\
+             status: {{podIP: {ip}}}\n---\n"
+        );
+    }
+    m += "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: prod}\n\
+          spec: {clusterIP: 10.97.0.10, selector: {app: web}, ports: [{name: http, port: 80, protocol: TCP, targetPort: http}]}\n---\n\
+          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+          metadata: {name: web-x, namespace: prod, labels: {kubernetes.io/service-name: web}}\n\
+          addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\n\
+          endpoints: [{addresses: [10.245.1.21], nodeName: node-a}]\n";
+    std::fs::write(dir.join("cluster.yaml"), m).unwrap();
+    std::fs::write(dir.join("policies.yaml"), policies).unwrap();
+}
+
+/// The policy lab's matrix targets, in one order, and the expected cells per source.
+const POLICY_TARGETS: [&str; 8] = [
+    "pod prod/web 10.245.1.21:8080/tcp",
+    "pod prod/api 10.245.2.22:8080/tcp",
+    "pod prod/api 10.245.2.22:5353/udp",
+    "pod prod/client 10.245.2.10:8080/tcp",
+    "pod dev/client 10.245.1.10:8080/tcp",
+    "external ext 172.31.0.100:80/tcp",
+    "external ext 172.31.0.100:53/udp",
+    "svc prod/web 10.97.0.10:80/tcp",
+];
+
+/// Checks the whole matrix with `kplab matrix --expect` (the CLI a user runs), row by row.
+fn expect_matrix(dir: &Path, step: &str, rows: [(&str, [&str; 8]); 5]) {
+    let expected = kplab::Matrix {
+        targets: POLICY_TARGETS.iter().map(|t| (*t).to_owned()).collect(),
+        rows: rows
+            .iter()
+            .map(|(src, cells)| {
+                (
+                    (*src).to_owned(),
+                    cells.iter().map(|c| (*c).to_owned()).collect(),
+                )
+            })
+            .collect(),
+    };
+    let file = dir.join(format!("expect-{step}.txt"));
+    std::fs::write(&file, expected.render()).unwrap();
+    let out = kplab(&[
+        "matrix",
+        "--timeout-ms",
+        "400",
+        "--expect",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{step}: the matrix differs:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const DEFAULT_DENY_AND_ALLOWS: &str = r"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny, namespace: prod}
+spec: {podSelector: {}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-red-clients, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {team: red}}, podSelector: {matchExpressions: [{key: app, operator: In, values: [client]}]}}]
+    ports: [{port: http}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: api-by-address, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{ipBlock: {cidr: 172.31.0.0/24, except: [172.31.0.200/32]}}]
+    ports: [{protocol: TCP, port: 8080}]
+  - from: [{ipBlock: {cidr: 10.245.2.10/32}}]
+    ports: [{protocol: UDP, port: 5000, endPort: 6000}]
+";
+
+const DEV_EGRESS_DNS_ONLY: &str = r"---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: dns-only, namespace: dev}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: 172.31.0.100/32}}]
+    ports: [{protocol: UDP, port: 53}]
+";
+
+#[test]
+fn network_policies_give_the_reachability_matrix_the_api_defines_and_follow_changes() {
+    // SAFETY: plain syscall.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "lab tests must run as root");
+    let _lock = ONE_LAB
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = tempfile::tempdir().unwrap();
+    let step = |name: &str, dev_team: &str, policies: &str| {
+        let m = dir.path().join(name);
+        policy_manifests(&m, dev_team, policies);
+        m
+    };
+    let m0 = step("m0", "red", "");
+    ok(kplab(&[
+        "up",
+        "--manifests",
+        m0.to_str().unwrap(),
+        "--external",
+        "ext=172.31.0.100:tcp/80,udp/53",
+    ]));
+    struct Down;
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = kplab(&["down"]);
+        }
+    }
+    let _down = Down;
+    // No policy: every pod and the external host reach every pod (the external host routes the
+    // pod CIDRs to the nodes); the ClusterIP is not routed from outside.
+    let open = ["ok", "ok", "ok", "ok", "ok", "ok", "ok", "ok"];
+    let ext_open = ["ok", "ok", "ok", "ok", "ok", "ok", "ok", "rej"];
+    expect_matrix(
+        dir.path(),
+        "open",
+        [
+            ("prod/web", open),
+            ("prod/api", open),
+            ("prod/client", open),
+            ("dev/client", open),
+            ("external/ext", ext_open),
+        ],
+    );
+    // Default deny in prod; web admits red-team clients (namespaceSelector AND podSelector with
+    // matchExpressions) on its named port, also through its Service, and not itself through it;
+    // api admits 172.31.0.0/24 on TCP 8080 (the external host) and prod/client's pod IP as an
+    // ipBlock on UDP 5000-6000 (endPort).
+    let m1 = step("m1", "red", DEFAULT_DENY_AND_ALLOWS);
+    ok(kplab(&["apply", m1.to_str().unwrap()]));
+    let ext_1 = ["--", "ok", "--", "--", "ok", "ok", "ok", "rej"];
+    expect_matrix(
+        dir.path(),
+        "default-deny",
+        [
+            ("prod/web", ["ok", "--", "--", "--", "ok", "ok", "ok", "--"]),
+            ("prod/api", ["--", "ok", "ok", "--", "ok", "ok", "ok", "--"]),
+            (
+                "prod/client",
+                ["--", "--", "ok", "ok", "ok", "ok", "ok", "--"],
+            ),
+            (
+                "dev/client",
+                ["ok", "--", "--", "--", "ok", "ok", "ok", "ok"],
+            ),
+            ("external/ext", ext_1),
+        ],
+    );
+    // Egress to DNS only for dev, stacked on the ingress policies.
+    let m2 = step(
+        "m2",
+        "red",
+        &format!("{DEFAULT_DENY_AND_ALLOWS}{DEV_EGRESS_DNS_ONLY}"),
+    );
+    ok(kplab(&["apply", m2.to_str().unwrap()]));
+    expect_matrix(
+        dir.path(),
+        "dns-only",
+        [
+            ("prod/web", ["ok", "--", "--", "--", "ok", "ok", "ok", "--"]),
+            ("prod/api", ["--", "ok", "ok", "--", "ok", "ok", "ok", "--"]),
+            (
+                "prod/client",
+                ["--", "--", "ok", "ok", "ok", "ok", "ok", "--"],
+            ),
+            (
+                "dev/client",
+                ["--", "--", "--", "--", "ok", "--", "ok", "--"],
+            ),
+            ("external/ext", ext_1),
+        ],
+    );
+    // dev's namespace label changes and its egress policy is deleted: web no longer admits
+    // dev/client, which reaches everything else again.
+    let m3 = step("m3", "green", DEFAULT_DENY_AND_ALLOWS);
+    ok(kplab(&["apply", m3.to_str().unwrap()]));
+    expect_matrix(
+        dir.path(),
+        "relabelled",
+        [
+            ("prod/web", ["ok", "--", "--", "--", "ok", "ok", "ok", "--"]),
+            ("prod/api", ["--", "ok", "ok", "--", "ok", "ok", "ok", "--"]),
+            (
+                "prod/client",
+                ["--", "--", "ok", "ok", "ok", "ok", "ok", "--"],
+            ),
+            (
+                "dev/client",
+                ["--", "--", "--", "--", "ok", "ok", "ok", "--"],
+            ),
+            ("external/ext", ext_1),
+        ],
+    );
+    // Every policy deleted: open again.
+    ok(kplab(&["apply", m0.to_str().unwrap()]));
+    expect_matrix(
+        dir.path(),
+        "deleted",
+        [
+            ("prod/web", open),
+            ("prod/api", open),
+            ("prod/client", open),
+            ("dev/client", open),
+            ("external/ext", ext_open),
+        ],
+    );
+}
