@@ -55,6 +55,8 @@ pub mod map_names {
     pub const POLICY_EP: &str = "POLICY_EP_V1";
     pub const POLICY: &str = "POLICY_V1";
     pub const POLICY_STATS: &str = "POLICY_STATS_V1";
+    pub const POLICY_EVENTS: &str = "POLICY_EVENTS_V1";
+    pub const POLICY_EVENT_RATE: &str = "POLICY_EVENT_RATE_V1";
 }
 
 /// Program names as they appear in the eBPF object.

@@ -5,6 +5,8 @@
 //!  POLICY_IDS LPM {addr}                                   --> identity (longest prefix wins)
 //!  POLICY_EP  pod addr                                     --> {endpoint id, isolation flags}
 //!  POLICY     LPM {endpoint, dir, identity, proto, port}   --> {policy id}
+//!  POLICY_STATS per-CPU [endpoint * 2 + dir] --> {allowed, denied}
+//!  POLICY_EVENTS ring buffer of PolicyEvent (rate-limited by POLICY_EVENT_RATE, per CPU)
 //! ```
 //!
 //! A new flow of an enforced pod in an isolated direction is looked up twice in `POLICY`: with
@@ -80,6 +82,51 @@ pub struct PolicyCounters {
     pub denied: u64,
 }
 
+/// `PolicyEvent.verdict`: admitted by `policy_id`.
+pub const VERDICT_ALLOWED: u8 = 0;
+/// `PolicyEvent.verdict`: no policy admits it (the isolated direction's default).
+pub const VERDICT_DENIED: u8 = 1;
+/// `PolicyEvent.verdict`: denied because the pod's policy could not be read or written whole.
+pub const VERDICT_FAIL_CLOSED: u8 = 2;
+
+/// One verdict on a new flow in an isolated direction, from `POLICY_EVENTS` (a ring buffer,
+/// rate-limited per CPU). Addresses and ports in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyEvent {
+    /// The enforced local pod, and the other end.
+    pub local: u32,
+    pub peer: u32,
+    pub local_port: u16,
+    pub peer_port: u16,
+    /// The admitting policy's id (`POLICY` value); 0 when none did.
+    pub policy_id: u32,
+    pub endpoint: u16,
+    pub proto: u8,
+    /// `POLICY_DIR_*`.
+    pub dir: u8,
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    pub pad: [u8; 3],
+}
+
+/// `POLICY_EVENT_RATE` per-CPU value: events sent in the current second, events not sent
+/// because the second's budget was spent, and the event being built (in map memory rather than
+/// on the program's stack, which the pod pipelines use up).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventRate {
+    pub second: u64,
+    pub sent: u64,
+    pub suppressed: u64,
+    pub event: PolicyEvent,
+}
+
+/// Verdict events each CPU sends per second at most.
+pub const POLICY_EVENTS_PER_CPU_SECOND: u64 = 1000;
+/// Size of the `POLICY_EVENTS` ring buffer.
+pub const POLICY_EVENTS_BYTES: u32 = 1 << 18;
+
 /// Endpoint ids index `POLICY_STATS` (two slots each); id 0 is never allocated.
 pub const MAX_POLICY_ENDPOINTS: u32 = 1 << 14;
 /// Entries of the `POLICY` trie.
@@ -91,6 +138,8 @@ const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 4);
 const _: () = assert!(core::mem::size_of::<PolicyEndpoint>() == 4);
 const _: () = assert!(core::mem::size_of::<PolicyCounters>() == 16);
+const _: () = assert!(core::mem::size_of::<PolicyEvent>() == 24);
+const _: () = assert!(core::mem::size_of::<EventRate>() == 48);
 
 #[cfg(feature = "user")]
 // SAFETY: `#[repr(C)]`, `Copy`, explicit padding fields and no pointers: any bit pattern is a valid
@@ -105,3 +154,9 @@ unsafe impl aya::Pod for PolicyEndpoint {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for PolicyCounters {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for PolicyEvent {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for EventRate {}

@@ -3,13 +3,14 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use dataplane_common::{
-    Backend, CtKey, CtValue, DropReason, MAX_BACKENDS, MAX_CONNTRACK, MAX_POLICY_ENDPOINTS,
-    MAX_POLICY_IDS, MAX_POLICY_RULES, MAX_REV_NAT_IDS, MAX_SERVICE_ENTRIES, MAX_SNAT,
-    MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, NodeConfig, PolicyCounters, PolicyEndpoint, PolicyKey,
-    PolicyValue, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, SvcStats,
+    Backend, CtKey, CtValue, DropReason, EventRate, MAX_BACKENDS, MAX_CONNTRACK,
+    MAX_POLICY_ENDPOINTS, MAX_POLICY_IDS, MAX_POLICY_RULES, MAX_REV_NAT_IDS, MAX_SERVICE_ENTRIES,
+    MAX_SNAT, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, NodeConfig, POLICY_EVENTS_BYTES, PolicyCounters,
+    PolicyEndpoint, PolicyKey, PolicyValue, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+    SourceRangeKey, SvcStats,
 };
 
 /// Service frontends: slot 0 is the header, slots 1..=count the backend ids. Written by the agent.
@@ -88,3 +89,12 @@ pub static POLICY: LpmTrie<PolicyKey, PolicyValue> =
 #[map(name = "POLICY_STATS_V1")]
 pub static POLICY_STATS: PerCpuArray<PolicyCounters> =
     PerCpuArray::with_max_entries(MAX_POLICY_ENDPOINTS * 2, 0);
+
+/// Verdict events of new flows in isolated directions (the agent's flow log, `explain`).
+/// Written by the datapath, at most `POLICY_EVENTS_PER_CPU_SECOND` a second per CPU.
+#[map(name = "POLICY_EVENTS_V1")]
+pub static POLICY_EVENTS: RingBuf = RingBuf::with_byte_size(POLICY_EVENTS_BYTES, 0);
+
+/// Per CPU: the current second's event budget. Written by the datapath.
+#[map(name = "POLICY_EVENT_RATE_V1")]
+pub static POLICY_EVENT_RATE: PerCpuArray<EventRate> = PerCpuArray::with_max_entries(1, 0);

@@ -17,15 +17,18 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use dataplane_common::{
     CT_DIR_REPLY, CT_DIR_SERVICE, CT_FLAG_HAIRPIN, CT_FLAG_INGRESS, CT_FLAG_NO_NAT, CtKey, CtValue,
-    DropReason, EP_DENY_ALL, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, NODE_FLAG_POLICY,
-    POLICY_ANY_PEER, POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, PROTO_ICMP, PROTO_SCTP, PROTO_TCP,
-    PolicyEndpoint, PolicyKey,
+    DropReason, EP_DENY_ALL, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EventRate, NODE_FLAG_POLICY,
+    POLICY_ANY_PEER, POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, POLICY_EVENTS_PER_CPU_SECOND,
+    PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PolicyEndpoint, PolicyEvent, PolicyKey, VERDICT_ALLOWED,
+    VERDICT_DENIED, VERDICT_FAIL_CLOSED,
 };
 
 use crate::ct;
 use crate::ctx::PacketCtx;
 use crate::icmp::IcmpError;
-use crate::maps::{CONNTRACK, NODE, POLICY, POLICY_EP, POLICY_IDS, POLICY_STATS};
+use crate::maps::{
+    CONNTRACK, NODE, POLICY, POLICY_EP, POLICY_EVENT_RATE, POLICY_EVENTS, POLICY_IDS, POLICY_STATS,
+};
 use crate::parse::{IPV4_OFF, Packet, TCP_FLAG_ACK};
 
 const ETH_P_IP: u16 = 0x0800;
@@ -46,18 +49,56 @@ pub fn current_epoch() -> u32 {
     NODE.get(0).map_or(0, |n| n.policy_epoch)
 }
 
-/// Judges one new flow of local pod `local` in direction `dir` (`POLICY_DIR_*`): `peer` is the
-/// other end, `port` the destination port (the pod's own for ingress, the peer's for egress),
-/// network byte order. `Ok(false)`: the pod is not enforced (nothing to track); `Ok(true)`:
-/// enforced and admitted (track the flow); `Err`: denied.
+/// One flow as the policy stage judges it, packed into two registers (a BPF call takes five):
+/// the local pod's and the peer's ports (network byte order), the direction and protocol.
+#[inline(always)]
+fn flow(dir: u8, proto: u8, local_port: u16, peer_port: u16) -> (u32, u32) {
+    (
+        u32::from(local_port) | (u32::from(peer_port) << 16),
+        u32::from(dir) | (u32::from(proto) << 8),
+    )
+}
+
+/// Judges one new flow of local pod `local` with `peer` (`ports`, `dir_proto` from [`flow`]);
+/// the port a rule names is the destination's: the pod's own for ingress, the peer's for egress.
+/// `Ok(false)`: the pod is not enforced (nothing to track); `Ok(true)`: enforced and admitted
+/// (track the flow); `Err`: denied. Counted per endpoint and direction; a verdict in an isolated
+/// direction is also an event (rate-limited).
 #[inline(never)]
-pub fn judge(local: u32, dir: u8, peer: u32, proto: u8, port: u16) -> Result<bool, DropReason> {
+pub fn judge(local: u32, peer: u32, ports: u32, dir_proto: u32) -> Result<bool, DropReason> {
     // SAFETY: the value is copied out at once.
     let Some(ep) = (unsafe { POLICY_EP.get(local) }).copied() else {
         return Ok(false);
     };
-    let slot = u32::from(u16::from_be(ep.endpoint)) * 2 + u32::from(dir);
+    let (dir, proto) = (dir_proto as u8, (dir_proto >> 8) as u8);
+    let (local_port, peer_port) = (ports as u16, (ports >> 16) as u16);
+    // The event is filled in as the flow is judged, in this CPU's slot of map memory: values
+    // kept there are not spilled to the stack across the lookups.
+    let scratch = POLICY_EVENT_RATE.get_ptr_mut(0);
+    if let Some(r) = scratch {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe {
+            (*r).event = PolicyEvent {
+                local,
+                peer,
+                local_port,
+                peer_port,
+                policy_id: 0,
+                endpoint: u16::from_be(ep.endpoint),
+                proto,
+                dir,
+                verdict: VERDICT_DENIED,
+                pad: [0; 3],
+            };
+        }
+    }
+    let port = if dir == POLICY_DIR_INGRESS {
+        local_port
+    } else {
+        peer_port
+    };
     let verdict = admits(&ep, dir, peer, proto, port);
+    let slot = u32::from(u16::from_be(ep.endpoint)) * 2 + u32::from(dir);
     if let Some(stats) = POLICY_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe {
@@ -68,11 +109,50 @@ pub fn judge(local: u32, dir: u8, peer: u32, proto: u8, port: u16) -> Result<boo
             }
         }
     }
-    verdict.map(|()| true)
+    let (code, policy_id) = match verdict {
+        Ok(None) => return Ok(true),
+        Ok(Some(id)) => (VERDICT_ALLOWED, id),
+        Err(DropReason::PolicyFailClosed) => (VERDICT_FAIL_CLOSED, 0),
+        Err(_) => (VERDICT_DENIED, 0),
+    };
+    if let Some(r) = scratch {
+        // SAFETY: as above.
+        unsafe {
+            (*r).event.verdict = code;
+            (*r).event.policy_id = policy_id;
+            if within_event_budget(&mut *r) {
+                let _ = POLICY_EVENTS.output::<PolicyEvent>(&(*r).event, 0);
+            }
+        }
+    }
+    verdict.map(|_| true)
 }
 
+/// Whether this CPU may send another event this second (the agent's clock decides the second).
 #[inline(always)]
-fn admits(ep: &PolicyEndpoint, dir: u8, peer: u32, proto: u8, port: u16) -> Result<(), DropReason> {
+fn within_event_budget(rate: &mut EventRate) -> bool {
+    let second = ct::now_ns() / 1_000_000_000;
+    if rate.second != second {
+        rate.second = second;
+        rate.sent = 0;
+    }
+    if rate.sent >= POLICY_EVENTS_PER_CPU_SECOND {
+        rate.suppressed += 1;
+        return false;
+    }
+    rate.sent += 1;
+    true
+}
+
+/// `Ok(None)`: the direction is not isolated; `Ok(Some(policy id))`: admitted by that policy.
+#[inline(always)]
+fn admits(
+    ep: &PolicyEndpoint,
+    dir: u8,
+    peer: u32,
+    proto: u8,
+    port: u16,
+) -> Result<Option<u32>, DropReason> {
     if ep.flags & EP_DENY_ALL != 0 {
         return Err(DropReason::PolicyFailClosed);
     }
@@ -82,7 +162,7 @@ fn admits(ep: &PolicyEndpoint, dir: u8, peer: u32, proto: u8, port: u16) -> Resu
         (EP_EGRESS_ISOLATED, DropReason::PolicyEgress)
     };
     if ep.flags & isolated == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let identity = POLICY_IDS
         .get(Key::new(32, peer))
@@ -100,12 +180,12 @@ fn admits(ep: &PolicyEndpoint, dir: u8, peer: u32, proto: u8, port: u16) -> Resu
             port,
         },
     );
-    if POLICY.get(&key).is_some() {
-        return Ok(());
+    if let Some(v) = POLICY.get(&key) {
+        return Ok(Some(v.policy_id));
     }
     key.data.identity = POLICY_ANY_PEER;
-    if POLICY.get(&key).is_some() {
-        return Ok(());
+    if let Some(v) = POLICY.get(&key) {
+        return Ok(Some(v.policy_id));
     }
     Err(denied)
 }
@@ -124,24 +204,32 @@ pub fn recheck(ct: &mut CtValue, pkt: &Packet, local_is_source: bool) -> Result<
         return Ok(());
     }
     let ingress = ct.flags & CT_FLAG_INGRESS != 0;
-    let (local, peer, port, dir) = flow_of(
+    let (local, peer, ports, dir) = flow_of(
         local_is_source,
         ingress,
         (pkt.saddr, pkt.sport),
         (pkt.daddr, pkt.dport),
         (ct.nat_addr, ct.nat_port),
     );
-    judge(local, dir, peer, pkt.proto, port)?;
+    judge(
+        local,
+        peer,
+        ports,
+        u32::from(dir) | (u32::from(pkt.proto) << 8),
+    )?;
     if ct.flags & CT_FLAG_HAIRPIN != 0 {
-        judge(local, POLICY_DIR_INGRESS, local, pkt.proto, port)?;
+        // The pod is its own backend: its ingress, on the backend port it was given.
+        let (ports, dir_proto) = flow(POLICY_DIR_INGRESS, pkt.proto, ct.nat_port, pkt.sport);
+        judge(local, local, ports, dir_proto)?;
     }
     ct.policy_epoch = epoch;
     Ok(())
 }
 
-/// Which pod, peer, port and direction a tracked flow is judged on, from one of its packets
+/// Which pod, peer, ports and direction a tracked flow is judged on, from one of its packets
 /// (`src`, `dst`) as a hook sees it: `local_is_source` for `from_pod`, `ingress` for a flow the
-/// peer opened; `to` is what a flow the pod opened was sent to (the backend).
+/// peer opened; `to` is what a flow the pod opened was sent to (the backend). The ports are
+/// packed as [`flow`] packs them.
 #[inline(always)]
 fn flow_of(
     local_is_source: bool,
@@ -149,17 +237,22 @@ fn flow_of(
     src: (u32, u16),
     dst: (u32, u16),
     to: (u32, u16),
-) -> (u32, u32, u16, u8) {
-    match (local_is_source, ingress) {
+) -> (u32, u32, u32, u8) {
+    let dir = if ingress {
+        POLICY_DIR_INGRESS
+    } else {
+        POLICY_DIR_EGRESS
+    };
+    let ((local, local_port), (peer, peer_port)) = match (local_is_source, ingress) {
         // from_pod, a flow the pod opened: the destination it was sent to (the backend).
-        (true, false) => (src.0, to.0, to.1, POLICY_DIR_EGRESS),
-        // from_pod, the pod's reply in a flow the peer opened (to the pod's own port).
-        (true, true) => (src.0, dst.0, src.1, POLICY_DIR_INGRESS),
-        // to_pod, a reply in a flow the pod opened (from the port it was sent to).
-        (false, false) => (dst.0, src.0, src.1, POLICY_DIR_EGRESS),
-        // to_pod, a packet of a flow the peer opened.
-        (false, true) => (dst.0, src.0, dst.1, POLICY_DIR_INGRESS),
-    }
+        (true, false) => (src, to),
+        // from_pod, the pod's reply in a flow the peer opened.
+        (true, true) => (src, dst),
+        // to_pod: a reply in a flow the pod opened, or a packet of one the peer opened.
+        (false, _) => (dst, src),
+    };
+    let (ports, _) = flow(dir, 0, local_port, peer_port);
+    (local, peer, ports, dir)
 }
 
 /// Records an admitted flow of a local pod that nothing translates: `key` is the pod's side of
@@ -209,13 +302,8 @@ pub fn new_from_pod(pkt: &Packet) -> Result<(), DropReason> {
     if epoch().is_none() {
         return Ok(());
     }
-    if judge(
-        pkt.saddr,
-        POLICY_DIR_EGRESS,
-        pkt.daddr,
-        pkt.proto,
-        pkt.dport,
-    )? {
+    let (ports, dir_proto) = flow(POLICY_DIR_EGRESS, pkt.proto, pkt.sport, pkt.dport);
+    if judge(pkt.saddr, pkt.daddr, ports, dir_proto)? {
         track(&pkt.ct_key(CT_DIR_SERVICE), ct::closing_flags(pkt))?;
     }
     Ok(())
@@ -235,23 +323,12 @@ pub fn new_to_pod(pkt: &Packet, from_node: bool) -> Result<(), DropReason> {
         // SAFETY: plain existence check.
         (unsafe { POLICY_EP.get(pkt.daddr) }.is_some(), true)
     } else {
-        match judge(
-            pkt.daddr,
-            POLICY_DIR_INGRESS,
-            pkt.saddr,
-            pkt.proto,
-            pkt.dport,
-        ) {
+        let (ports, dir_proto) = flow(POLICY_DIR_INGRESS, pkt.proto, pkt.dport, pkt.sport);
+        match judge(pkt.daddr, pkt.saddr, ports, dir_proto) {
             Ok(enforced) => (enforced, true),
             Err(denied) if pkt.proto == PROTO_TCP && pkt.tcp_flags & TCP_FLAG_ACK != 0 => {
-                judge(
-                    pkt.daddr,
-                    POLICY_DIR_EGRESS,
-                    pkt.saddr,
-                    pkt.proto,
-                    pkt.sport,
-                )
-                .map_err(|_| denied)?;
+                let (ports, dir_proto) = flow(POLICY_DIR_EGRESS, pkt.proto, pkt.dport, pkt.sport);
+                judge(pkt.daddr, pkt.saddr, ports, dir_proto).map_err(|_| denied)?;
                 (true, false)
             }
             Err(denied) => return Err(denied),
@@ -306,7 +383,7 @@ pub fn other<C: PacketCtx>(
         return Ok(());
     }
     if offset != 0 {
-        judge(local, dir, peer, proto, 0)?;
+        judge(local, peer, 0, u32::from(dir) | (u32::from(proto) << 8))?;
         return Ok(());
     }
     let (sport, dport) = match proto {
@@ -347,14 +424,14 @@ pub fn other<C: PacketCtx>(
         if ct.policy_epoch == epoch {
             return Ok(());
         }
-        let (local, peer, port, dir) = flow_of(
+        let (local, peer, ports, dir) = flow_of(
             local_is_source,
             ct.flags & CT_FLAG_INGRESS != 0,
             (saddr, sport),
             (daddr, dport),
             (ct.nat_addr, ct.nat_port),
         );
-        judge(local, dir, peer, proto, port)?;
+        judge(local, peer, ports, u32::from(dir) | (u32::from(proto) << 8))?;
         ct.policy_epoch = epoch;
         return Ok(());
     }
@@ -363,8 +440,8 @@ pub fn other<C: PacketCtx>(
     } else {
         (dport, sport)
     };
-    // The port a rule names is the destination's: the peer's for egress, the pod's for ingress.
-    judge(local, dir, peer, proto, dport)?;
+    let (ports, dir_proto) = flow(dir, proto, local_port, peer_port);
+    judge(local, peer, ports, dir_proto)?;
     let flags = if local_is_source { 0 } else { CT_FLAG_INGRESS };
     track(
         &pod_side((local, local_port), (peer, peer_port), proto),
@@ -399,21 +476,11 @@ pub fn new_service_flow(
     let Some(epoch) = epoch() else {
         return Ok(current_epoch());
     };
-    judge(
-        pkt.saddr,
-        POLICY_DIR_EGRESS,
-        backend.0,
-        pkt.proto,
-        backend.1,
-    )?;
+    let (ports, dir_proto) = flow(POLICY_DIR_EGRESS, pkt.proto, pkt.sport, backend.1);
+    judge(pkt.saddr, backend.0, ports, dir_proto)?;
     if hairpin {
-        judge(
-            pkt.saddr,
-            POLICY_DIR_INGRESS,
-            pkt.saddr,
-            pkt.proto,
-            backend.1,
-        )?;
+        let (ports, dir_proto) = flow(POLICY_DIR_INGRESS, pkt.proto, backend.1, pkt.sport);
+        judge(pkt.saddr, pkt.saddr, ports, dir_proto)?;
     }
     Ok(epoch)
 }
