@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::datapath::{CtTable, Datapath};
+use crate::explain::{self, FlowLog, FlowLogFormat};
 use crate::health::HealthCheckServers;
 use crate::interfaces::{ifindex, local_addresses, local_pod_ips, parse_routes, pod_interfaces};
 use crate::manifests::ManifestSource;
@@ -66,6 +67,9 @@ pub struct Config {
     pub xdp_mode_native: bool,
     /// How pods' connections to Services are translated.
     pub pod_translation: PodTranslation,
+    /// Where policy verdict events go, and how they are written.
+    pub flow_log: Option<PathBuf>,
+    pub flow_log_format: FlowLogFormat,
 }
 
 /// How pods' connections to Services are translated (see ARCHITECTURE.md for the measurement
@@ -116,6 +120,7 @@ pub struct Agent {
     service_stats: HashMap<u16, SvcStats>,
     health_checks: HealthCheckServers,
     last_programmed: Option<String>,
+    flow_log: FlowLog,
 }
 
 impl Agent {
@@ -137,7 +142,39 @@ impl Agent {
             service_stats: HashMap::new(),
             health_checks: HealthCheckServers::default(),
             last_programmed: None,
+            flow_log: FlowLog::disabled(),
         }
+    }
+
+    /// Writes policy verdict events to `log`.
+    #[must_use]
+    pub fn with_flow_log(mut self, log: FlowLog) -> Self {
+        self.flow_log = log;
+        self
+    }
+
+    /// Moves the verdict events the datapath wrote into the flow log.
+    pub fn drain_flow_events(&mut self) {
+        explain::drain(
+            &mut self.datapath,
+            &self.pipeline,
+            &self.node,
+            &mut self.flow_log,
+        );
+    }
+
+    /// Explains one connection with this node's loaded programs (see [`explain`]).
+    ///
+    /// # Errors
+    /// As [`explain::explain`].
+    pub fn explain(&mut self, q: &explain::Query) -> anyhow::Result<explain::Explanation> {
+        explain::explain(
+            &mut self.datapath,
+            &self.pipeline,
+            &self.node,
+            &mut self.flow_log,
+            q,
+        )
     }
 
     /// Applies one batch through the pipeline into the kernel maps, then re-scans interfaces if
@@ -521,7 +558,7 @@ fn check_snat_ports((lo, hi): (u16, u16)) -> anyhow::Result<()> {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     check_snat_ports(config.snat_ports)?;
     let datapath = Datapath::load_object(crate::ebpf::OBJECT, config.bpffs.as_deref())?;
-    let mut agent = Agent::new(
+    let agent = Agent::new(
         config.node_name.clone(),
         datapath,
         config.nodeport_addresses.clone(),
@@ -532,7 +569,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.snat_ports,
         config.xdp_mode_native,
     );
+    let mut agent = agent.with_flow_log(FlowLog::open(
+        config.flow_log.as_ref(),
+        config.flow_log_format,
+    )?);
     info!(node = %config.node_name, source = ?config.source, "agent started");
+    let (explain_tx, mut explain_rx) = mpsc::channel::<crate::http::ExplainRequest>(4);
 
     let (status_tx, status_rx) = watch::channel(Arc::new(agent.status()));
     if let Some(addr) = config.metrics_bind {
@@ -540,7 +582,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding the metrics address {addr}"))?;
         info!(%addr, "serving /healthz, /readyz, /metrics");
-        tokio::spawn(crate::http::serve(listener, status_rx.clone()));
+        tokio::spawn(crate::http::serve(
+            listener,
+            status_rx.clone(),
+            explain_tx.clone(),
+        ));
     }
     if let Some(addr) = config.healthz_bind {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -581,7 +627,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 agent.refresh_counters();
                 report(config.status_file.as_deref(), &agent, &status_tx);
             }
-            _ = clock.tick() => agent.tick_clock(),
+            _ = clock.tick() => {
+                agent.tick_clock();
+                agent.drain_flow_events();
+            }
+            Some((query, reply)) = explain_rx.recv() => {
+                let _ = reply.send(agent.explain(&query).map_err(|e| format!("{e:#}")));
+            }
             _ = gc.tick() => agent.gc_conntrack(),
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,

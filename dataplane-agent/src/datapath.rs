@@ -8,7 +8,7 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, PerCpuArray,
+        Array, HashMap, MapData, PerCpuArray, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
@@ -20,7 +20,7 @@ use aya::{
 };
 use dataplane_common::{
     Backend, CtKey, CtValue, DropReason, NODE_FLAG_POLICY, NODE_FLAG_SOCKET_PODS, NodeConfig,
-    PolicyCounters, PolicyEndpoint, PolicyKey, PolicyValue, ServiceKey, ServiceValue,
+    PolicyCounters, PolicyEndpoint, PolicyEvent, PolicyKey, PolicyValue, ServiceKey, ServiceValue,
     SourceRangeKey, SvcStats, map_names, prog_names,
 };
 
@@ -108,6 +108,7 @@ pub struct Datapath {
     policy_ep: HashMap<MapData, u32, PolicyEndpoint>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     policy_stats: PerCpuArray<MapData, PolicyCounters>,
+    policy_events: RingBuf<MapData>,
     attached: BTreeMap<String, Attachment>,
     /// The node's external interfaces (XDP and TC egress), apart from pod interfaces.
     external: BTreeMap<String, (Attachment, XdpAttachMode)>,
@@ -215,6 +216,7 @@ impl Datapath {
             policy_ep: take_map(&mut ebpf, map_names::POLICY_EP)?,
             policy: take_map(&mut ebpf, map_names::POLICY)?,
             policy_stats: take_map(&mut ebpf, map_names::POLICY_STATS)?,
+            policy_events: take_map(&mut ebpf, map_names::POLICY_EVENTS)?,
             node,
             node_config,
             ebpf,
@@ -244,6 +246,48 @@ impl Datapath {
         self.clock
             .set(0, ns, 0)
             .context("writing the datapath clock")
+    }
+
+    /// The policy verdict events written since the last call, oldest first.
+    pub fn policy_events(&mut self) -> Vec<PolicyEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.policy_events.next() {
+            if item.len() >= std::mem::size_of::<PolicyEvent>() {
+                // SAFETY: the datapath writes whole `PolicyEvent`s (plain old data); the read
+                // is unaligned-safe.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<PolicyEvent>()) });
+            }
+        }
+        out
+    }
+
+    /// Runs a TC program once on `frame` (BPF_PROG_TEST_RUN) with the given `__sk_buff`
+    /// `ingress_ifindex`; the verdict and the frame as the program left it.
+    ///
+    /// # Errors
+    /// No such program, or the kernel refused the run.
+    pub fn test_run_tc(
+        &self,
+        name: &str,
+        frame: &[u8],
+        ingress_ifindex: u32,
+    ) -> anyhow::Result<(u32, Vec<u8>)> {
+        use aya::TestRun as _;
+        let mut ctx = [0u8; 192];
+        // struct __sk_buff: ingress_ifindex at offset 36.
+        ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = self
+            .program(name)?
+            .test_run(aya::TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
     }
 
     /// A loaded program, for `BPF_PROG_TEST_RUN`.

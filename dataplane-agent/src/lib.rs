@@ -4,6 +4,7 @@ pub mod agent;
 pub mod cleanup;
 pub mod datapath;
 pub mod ebpf;
+pub mod explain;
 pub mod health;
 pub mod http;
 pub mod interfaces;

@@ -2,8 +2,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use dataplane_agent::agent::{Config, PodTranslation, Source, run};
+use dataplane_agent::explain::FlowLogFormat;
 use dataplane_core::reconcile::NodePortAddresses;
 
 /// `MIN-MAX`, inclusive.
@@ -37,6 +39,22 @@ enum Command {
         /// Only report what would be removed.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Whether a connection is allowed, and by which NetworkPolicy: the running agent of this
+    /// node runs its loaded programs on a synthetic first packet against the live maps.
+    Explain {
+        /// The client: NAMESPACE/POD (a pod of this node), or an address (the ingress half).
+        #[arg(long)]
+        from: String,
+        /// ADDR:PORT/PROTO (tcp, udp or sctp): a pod, a Service address, anything.
+        #[arg(long)]
+        to: String,
+        /// The running agent's metrics address.
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        metrics_address: std::net::SocketAddr,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -104,6 +122,17 @@ struct RunArgs {
     /// `tc` (per packet on each pod's interface). Default: socket with --socket-cgroup, else tc.
     #[arg(long, env = "DATAPLANE_POD_TRANSLATION", value_parser = ["socket", "tc"])]
     pod_translation: Option<String>,
+    /// Write every policy verdict event (new flows in isolated directions, rate-limited) to
+    /// this file (`-`: standard output).
+    #[arg(long, env = "DATAPLANE_FLOW_LOG")]
+    flow_log: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "DATAPLANE_FLOW_LOG_FORMAT",
+        value_enum,
+        default_value = "human"
+    )]
+    flow_log_format: FlowLogFormat,
 }
 
 fn main() -> std::process::ExitCode {
@@ -143,6 +172,8 @@ fn main_inner() -> anyhow::Result<()> {
                 snat_ports,
                 xdp_mode,
                 pod_translation,
+                flow_log,
+                flow_log_format,
             } = *args;
             let pod_translation = match (pod_translation.as_deref(), &socket_cgroup) {
                 (Some("socket"), None) => {
@@ -168,11 +199,38 @@ fn main_inner() -> anyhow::Result<()> {
                 snat_ports,
                 xdp_mode_native: xdp_mode == "native",
                 pod_translation,
+                flow_log,
+                flow_log_format,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
                 .block_on(run(config))
+        }
+        Command::Explain {
+            from,
+            to,
+            metrics_address,
+            json,
+        } => {
+            // Checked here first, so a typo is this command's one-line error.
+            dataplane_agent::explain::Query::parse(&from, &to)?;
+            let (code, body) = dataplane_agent::http::get(
+                metrics_address,
+                &format!("/explain?from={from}&to={to}"),
+            )
+            .with_context(|| format!("asking the agent at {metrics_address}"))?;
+            if code != 200 {
+                anyhow::bail!("{}", body.trim());
+            }
+            let explanation: dataplane_agent::explain::Explanation = serde_json::from_str(&body)
+                .with_context(|| format!("the agent answered: {}", body.trim()))?;
+            if json {
+                println!("{body}");
+            } else {
+                print!("{}", explanation.render());
+            }
+            Ok(())
         }
         Command::CleanupKubeProxy { dry_run } => {
             let report = dataplane_agent::cleanup::run(dry_run)?;

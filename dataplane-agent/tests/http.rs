@@ -27,9 +27,14 @@ fn healthz_readyz_and_metrics() {
         .unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(Status::default()));
-    rt.spawn(dataplane_agent::http::serve(listener, rx));
+    let (explain_tx, _explain_rx) = tokio::sync::mpsc::channel(1);
+    rt.spawn(dataplane_agent::http::serve(listener, rx, explain_tx));
 
     assert_eq!(request(addr, "GET", "/healthz"), (200, "ok\n".to_owned()));
+    // A malformed explain query is answered with what is wrong, without reaching the agent.
+    let (code, body) = request(addr, "GET", "/explain?from=web&to=10.0.0.1:80/tcp");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("expected NAMESPACE/POD"), "{body}");
     let (code, body) = request(addr, "GET", "/readyz");
     assert_eq!(code, 503, "not ready before the first sync: {body}");
 

@@ -13,6 +13,7 @@ mod api;
 pub mod cgroup;
 mod cluster;
 pub mod demo;
+mod explain;
 mod matrix;
 pub mod netns;
 pub mod probe;
@@ -74,6 +75,22 @@ pub enum LabCmd {
         /// differ, and fail when any does.
         #[arg(long)]
         expect: Option<PathBuf>,
+    },
+    /// Whether a connection is allowed and by which NetworkPolicy, as the agents of the nodes
+    /// involved answer it by running their loaded programs on a synthetic packet.
+    Explain {
+        /// A pod (ns/name) or external host.
+        #[arg(long)]
+        from: String,
+        /// ADDR:PORT/PROTO (tcp, udp or sctp).
+        #[arg(long)]
+        to: String,
+    },
+    /// Every node's flow log (policy verdicts of new flows in isolated directions), by time.
+    Flows {
+        /// The agents' JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Stop or start every node's agent (a restart keeps connections: see ARCHITECTURE.md).
     Agents {
@@ -289,6 +306,14 @@ pub fn main(cmd: LabCmd) -> anyhow::Result<()> {
         }
         LabCmd::Probe(args) => probe::main(&args),
         LabCmd::Exec { on, command } => exec(&on, &command),
+        LabCmd::Explain { from, to } => {
+            print!("{}", explain::explain(&from, &to)?);
+            Ok(())
+        }
+        LabCmd::Flows { json } => {
+            print!("{}", explain::flows(json)?);
+            Ok(())
+        }
         LabCmd::Matrix { timeout_ms, expect } => {
             matrix::main(Duration::from_millis(timeout_ms), expect.as_deref())
         }
@@ -612,6 +637,12 @@ fn start_agent(
     // Generic XDP: a veth's native XDP_TX hands frames to its peer's NAPI, which a plain bridge
     // port does not run, so forwarded frames were lost (see ARCHITECTURE.md).
     args.extend(["--external-interfaces", "eth0", "--xdp-mode", "generic"].map(str::to_owned));
+    args.extend([
+        "--flow-log".to_owned(),
+        dir.join("flows.jsonl").display().to_string(),
+        "--flow-log-format".to_owned(),
+        "json".to_owned(),
+    ]);
     topology::spawn_in(
         Some(&node.netns),
         node.cgroup.as_deref(),

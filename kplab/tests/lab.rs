@@ -1451,6 +1451,71 @@ fn network_policies_give_the_reachability_matrix_the_api_defines_and_follow_chan
             ("external/ext", ext_1),
         ],
     );
+    // The agents explain both verdicts with their loaded programs, naming the deciding policy,
+    // and the flow log recorded what the matrix tried.
+    let allowed = ok(kplab(&[
+        "explain",
+        "--from",
+        "dev/client",
+        "--to",
+        "10.97.0.10:80/tcp",
+    ]));
+    assert!(
+        allowed.starts_with("dev/client -> 10.97.0.10:80/tcp: allowed"),
+        "{allowed}"
+    );
+    assert!(
+        allowed.contains("translated to prod/web (10.245.1.21):8080"),
+        "{allowed}"
+    );
+    assert!(
+        allowed
+            .contains("ingress of prod/web: allowed, by NetworkPolicy prod/web-from-red-clients"),
+        "{allowed}"
+    );
+    let denied = ok(kplab(&[
+        "explain",
+        "--from",
+        "prod/client",
+        "--to",
+        "10.97.0.10:80/tcp",
+    ]));
+    assert!(
+        denied.starts_with("prod/client -> 10.97.0.10:80/tcp: denied"),
+        "{denied}"
+    );
+    assert!(denied.contains("node node-a: deny"), "{denied}");
+    assert!(
+        denied.contains("ingress of prod/web: denied (policy_ingress)"),
+        "{denied}"
+    );
+    let from_outside = ok(kplab(&[
+        "explain",
+        "--from",
+        "ext",
+        "--to",
+        "10.245.2.22:8080/tcp",
+    ]));
+    assert!(
+        from_outside.contains("ingress of prod/api: allowed, by NetworkPolicy prod/api-by-address"),
+        "{from_outside}"
+    );
+    let flows = ok(kplab(&["flows"]));
+    assert!(
+        flows.lines().any(|l| l.contains("dev/client (10.245.1.10)")
+            && l.contains(
+                "-> prod/web (10.245.1.21):8080 tcp ingress allowed by prod/web-from-red-clients"
+            )),
+        "{flows}"
+    );
+    assert!(
+        flows.lines().any(|l| l.starts_with("20")
+            && l.contains(" 172.31.0.100:")
+            && l.contains(
+                "-> prod/web (10.245.1.21):8080 tcp ingress denied no policy of prod/web allows it"
+            )),
+        "{flows}"
+    );
     // Egress to DNS only for dev, stacked on the ingress policies.
     let m2 = step(
         "m2",
