@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use dataplane_common::{
-    CT_DIR_SERVICE, CT_FLAG_CLOSING, CT_FLAG_SNAT, CtKey, CtValue, PROTO_TCP, SvcStats,
+    CT_DIR_SERVICE, CT_FLAG_CLOSING, CT_FLAG_SNAT, CtKey, CtValue, POLICY_DIR_EGRESS,
+    POLICY_DIR_INGRESS, PROTO_TCP, PolicyCounters, SvcStats,
 };
 use dataplane_core::index::Target;
 use dataplane_core::pipeline::{KernelReadings, Pipeline};
@@ -121,6 +122,7 @@ pub struct Agent {
     health_checks: HealthCheckServers,
     last_programmed: Option<String>,
     flow_log: FlowLog,
+    policy_counters: HashMap<u16, [PolicyCounters; 2]>,
 }
 
 impl Agent {
@@ -143,6 +145,7 @@ impl Agent {
             health_checks: HealthCheckServers::default(),
             last_programmed: None,
             flow_log: FlowLog::disabled(),
+            policy_counters: HashMap::new(),
         }
     }
 
@@ -442,6 +445,21 @@ impl Agent {
             .filter_map(|(_, spec)| reconciler.rev_nat_id(&spec.frontend))
             .filter_map(|id| Some((id, self.datapath.service_stats(id).ok()?)))
             .collect();
+        let endpoints: Vec<u16> = reconciler.policy().map_or_else(Vec::new, |p| {
+            p.programmed()
+                .endpoints
+                .values()
+                .map(|e| u16::from_be(e.endpoint))
+                .collect()
+        });
+        self.policy_counters = endpoints
+            .into_iter()
+            .filter_map(|ep| {
+                let ingress = self.datapath.policy_counters(ep, POLICY_DIR_INGRESS).ok()?;
+                let egress = self.datapath.policy_counters(ep, POLICY_DIR_EGRESS).ok()?;
+                Some((ep, [ingress, egress]))
+            })
+            .collect();
     }
 
     /// The current status, with the counters as last refreshed.
@@ -461,6 +479,7 @@ impl Agent {
                 service_stats: Some(&self.service_stats),
                 conntrack_entries: self.conntrack_entries,
                 snat_entries: self.snat_entries,
+                policy_counters: Some(&self.policy_counters),
             },
         );
         status.last_programmed.clone_from(&self.last_programmed);

@@ -143,6 +143,41 @@ pub fn render(s: &Status) -> String {
             );
         }
     }
+    family(
+        &mut o,
+        "dataplane_policy_flows_total",
+        "counter",
+        "New flows of each NetworkPolicy-enforced local pod, by direction and verdict (a pod's \
+         policy that could not be written whole fails closed: every flow denied).",
+    );
+    for ep in &s.policy {
+        for (direction, verdict, n) in [
+            ("ingress", "allowed", ep.ingress_allowed),
+            ("ingress", "denied", ep.ingress_denied),
+            ("egress", "allowed", ep.egress_allowed),
+            ("egress", "denied", ep.egress_denied),
+        ] {
+            let _ = writeln!(
+                o,
+                "dataplane_policy_flows_total{{pod=\"{}\",direction=\"{direction}\",verdict=\"{verdict}\"}} {n}",
+                esc(&ep.pod)
+            );
+        }
+    }
+    family(
+        &mut o,
+        "dataplane_policy_endpoint_fail_closed",
+        "gauge",
+        "1 for an enforced local pod whose policy could not be written whole (denied until it is).",
+    );
+    for ep in &s.policy {
+        let _ = writeln!(
+            o,
+            "dataplane_policy_endpoint_fail_closed{{pod=\"{}\"}} {}",
+            esc(&ep.pod),
+            u8::from(ep.fail_closed)
+        );
+    }
     o
 }
 

@@ -10,14 +10,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use dataplane_common::{
-    MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICE_ENTRIES, MAX_SNAT, SvcStats, map_names,
+    EP_DENY_ALL, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, MAX_BACKENDS, MAX_CONNTRACK,
+    MAX_POLICY_ENDPOINTS, MAX_POLICY_IDS, MAX_POLICY_RULES, MAX_SERVICE_ENTRIES, MAX_SNAT,
+    PolicyCounters, SvcStats, map_names,
 };
 
 use crate::index::{Dirty, Index, Target};
 use crate::object::NsName;
+use crate::policy_maps::{PolicySync, PolicyTables};
 use crate::reconcile::{MapWriter, NodePortAddresses, Reconciler, SyncProblem, SyncReport};
 use crate::source::{Batch, Event, SourceWarning};
-use crate::status::{Histogram, MapUsage, ServiceStatus, Status, by_label};
+use crate::status::{Histogram, MapUsage, PolicyEndpointStatus, ServiceStatus, Status, by_label};
 use crate::translate::{HealthCheck, health_check};
 
 /// What applying one batch did.
@@ -41,6 +44,8 @@ pub struct KernelReadings<'a> {
     pub service_stats: Option<&'a HashMap<u16, SvcStats>>,
     pub conntrack_entries: u64,
     pub snat_entries: u64,
+    /// Per policy endpoint id: new flows admitted and denied, ingress then egress.
+    pub policy_counters: Option<&'a HashMap<u16, [PolicyCounters; 2]>>,
 }
 
 /// The index, the reconciler, and the counters a status reports.
@@ -166,9 +171,56 @@ impl Pipeline {
         }
     }
 
+    /// The enforced local pods, by name, with their counters.
+    fn policy_status(
+        &self,
+        counters: Option<&HashMap<u16, [PolicyCounters; 2]>>,
+    ) -> Vec<PolicyEndpointStatus> {
+        let Some(sync) = self.reconciler.policy() else {
+            return Vec::new();
+        };
+        let names: HashMap<std::net::Ipv4Addr, &NsName> = self
+            .index
+            .pods
+            .iter()
+            .filter_map(|(id, p)| Some((p.status.as_ref()?.pod_ip.as_ref()?.parse().ok()?, id)))
+            .collect();
+        let mut out: Vec<PolicyEndpointStatus> = sync
+            .programmed()
+            .endpoints
+            .iter()
+            .map(|(addr, ep)| {
+                let address = std::net::Ipv4Addr::from(addr.to_ne_bytes());
+                let [ingress, egress] = counters
+                    .and_then(|c| c.get(&u16::from_be(ep.endpoint)).copied())
+                    .unwrap_or_default();
+                PolicyEndpointStatus {
+                    pod: names
+                        .get(&address)
+                        .map_or_else(|| address.to_string(), ToString::to_string),
+                    address: address.to_string(),
+                    ingress_isolated: ep.flags & EP_INGRESS_ISOLATED != 0,
+                    egress_isolated: ep.flags & EP_EGRESS_ISOLATED != 0,
+                    fail_closed: ep.flags & EP_DENY_ALL != 0,
+                    ingress_allowed: ingress.allowed,
+                    ingress_denied: ingress.denied,
+                    egress_allowed: egress.allowed,
+                    egress_denied: egress.denied,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.pod.cmp(&b.pod));
+        out
+    }
+
     /// The status of `node`, with what the kernel reported.
     #[must_use]
     pub fn status(&self, node: &str, kernel: KernelReadings<'_>) -> Status {
+        let empty = PolicyTables::default();
+        let policy = self
+            .reconciler
+            .policy()
+            .map_or(&empty, PolicySync::programmed);
         let (frontends, backends) = self.reconciler.sizes();
         let mut service_entries = 0;
         let services = self
@@ -219,6 +271,18 @@ impl Pipeline {
                     usage(kernel.conntrack_entries, MAX_CONNTRACK),
                 ),
                 (map_names::SNAT, usage(kernel.snat_entries, MAX_SNAT)),
+                (
+                    map_names::POLICY_IDS,
+                    usage(policy.ids.len() as u64, MAX_POLICY_IDS),
+                ),
+                (
+                    map_names::POLICY_EP,
+                    usage(policy.endpoints.len() as u64, MAX_POLICY_ENDPOINTS),
+                ),
+                (
+                    map_names::POLICY,
+                    usage(policy.rules.len() as u64, MAX_POLICY_RULES),
+                ),
             ]),
             interfaces: kernel.interfaces,
             cgroups: kernel.cgroups,
@@ -227,6 +291,7 @@ impl Pipeline {
             drops: by_label(kernel.drops),
             sync_latency: self.sync_latency.clone(),
             services,
+            policy: self.policy_status(kernel.policy_counters),
         }
     }
 }

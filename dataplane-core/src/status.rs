@@ -71,6 +71,23 @@ pub struct ServiceStatus {
     pub flows: u64,
 }
 
+/// A local pod that NetworkPolicy enforces, and its new flows by verdict.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PolicyEndpointStatus {
+    /// `namespace/name`.
+    pub pod: String,
+    pub address: String,
+    /// Whether a policy of that direction selects it.
+    pub ingress_isolated: bool,
+    pub egress_isolated: bool,
+    /// `EP_DENY_ALL`: its policy could not be written whole, everything is denied.
+    pub fail_closed: bool,
+    pub ingress_allowed: u64,
+    pub ingress_denied: u64,
+    pub egress_allowed: u64,
+    pub egress_denied: u64,
+}
+
 /// What the agent reports about itself.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Status {
@@ -104,6 +121,9 @@ pub struct Status {
     /// Time from a change being received to its map writes being done.
     pub sync_latency: Histogram,
     pub services: Vec<ServiceStatus>,
+    /// The local pods NetworkPolicy enforces.
+    #[serde(default)]
+    pub policy: Vec<PolicyEndpointStatus>,
 }
 
 impl Status {
