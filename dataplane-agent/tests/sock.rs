@@ -9,10 +9,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use dataplane_agent::datapath::Datapath;
+use dataplane_common::{EP_INGRESS_ISOLATED, PolicyEndpoint};
 use dataplane_core::fixtures::{ready, service, slice};
 use dataplane_core::index::Index;
+use dataplane_core::maps::Op;
 use dataplane_core::object::{NsName, Object};
-use dataplane_core::reconcile::Reconciler;
+use dataplane_core::reconcile::{MapWriter as _, Reconciler};
 use kplab::cgroup::{self, Cgroup};
 use kplab::netns::{self, Netns};
 use serde_json::{Value, json};
@@ -245,6 +247,36 @@ fn pod_sockets_are_translated_at_the_socket_only_when_pod_translation_is_socket(
     assert!(!dp.socket_pods());
     dp.set_socket_pods(true).unwrap();
     assert!(dp.socket_pods());
+    assert_translated(&client(pod.name(), Some(pod_cg.path())), false);
+
+    // Backends selected by a NetworkPolicy: a pod's connect to them is left to TC, where a pod
+    // reaching itself through the Service is judged.
+    let enforce = |dp: &mut Datapath, on: bool| {
+        for addr in BACKENDS {
+            let addr = u32::from(addr.parse::<Ipv4Addr>().unwrap()).to_be();
+            let op = if on {
+                Op::UpsertPolicyEndpoint(
+                    addr,
+                    PolicyEndpoint {
+                        endpoint: 1,
+                        flags: EP_INGRESS_ISOLATED,
+                        pad: 0,
+                    },
+                )
+            } else {
+                Op::DeletePolicyEndpoint(addr)
+            };
+            dp.write(&op).unwrap();
+        }
+        dp.write(&Op::PolicyCommit { enforced: on }).unwrap();
+    };
+    enforce(&mut dp, true);
+    let enforced = client(pod.name(), Some(pod_cg.path()));
+    assert!(
+        enforced["tcp"]["error"].is_string(),
+        "a policy-enforced backend is TC's: {enforced}"
+    );
+    enforce(&mut dp, false);
     assert_translated(&client(pod.name(), Some(pod_cg.path())), false);
     dp.set_socket_pods(false).unwrap();
     let after = client(pod.name(), Some(pod_cg.path()));

@@ -49,6 +49,13 @@ pub fn current_epoch() -> u32 {
     NODE.get(0).map_or(0, |n| n.policy_epoch)
 }
 
+/// Whether local pod `addr` is selected by a policy (its flows are judged).
+#[inline(always)]
+pub fn enforced(addr: u32) -> bool {
+    // SAFETY: a read of a value the program does not keep.
+    unsafe { POLICY_EP.get(addr) }.is_some()
+}
+
 /// One flow as the policy stage judges it, packed into two registers (a BPF call takes five):
 /// the local pod's and the peer's ports (network byte order), the direction and protocol.
 #[inline(always)]
@@ -320,8 +327,7 @@ pub fn new_to_pod(pkt: &Packet, from_node: bool) -> Result<(), DropReason> {
         return Ok(());
     }
     let (enforced, opened_by_peer) = if from_node {
-        // SAFETY: plain existence check.
-        (unsafe { POLICY_EP.get(pkt.daddr) }.is_some(), true)
+        (enforced(pkt.daddr), true)
     } else {
         let (ports, dir_proto) = flow(POLICY_DIR_INGRESS, pkt.proto, pkt.dport, pkt.sport);
         match judge(pkt.daddr, pkt.saddr, ports, dir_proto) {
@@ -371,8 +377,7 @@ pub fn other<C: PacketCtx>(
     } else {
         (daddr, saddr, POLICY_DIR_INGRESS)
     };
-    // SAFETY: plain existence check.
-    if unsafe { POLICY_EP.get(local) }.is_none() {
+    if !enforced(local) {
         return Ok(());
     }
     let proto = ip[9];

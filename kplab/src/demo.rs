@@ -4,7 +4,8 @@
 //! preserved, that Services without endpoints refuse), the same Services from each node's own
 //! network namespace (a hostNetwork client, translated by the node's socket hooks), NodePorts and
 //! LoadBalancer IPs from an external host (which backends answered, the source each saw, health
-//! check node ports), then teardown.
+//! check node ports), then NetworkPolicy: `DIR/policy/` applied, the web Service probed from an
+//! admitted and a denied client, `explain` for both and the flow log, then teardown.
 //! Every address, port and name probed comes from DIR.
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -22,6 +23,8 @@ const EXTERNAL_PROBES: u32 = 30;
 /// Probes per Service port from each node's own namespace.
 const NODE_PROBES: u32 = 20;
 const TIMEOUT: Duration = Duration::from_secs(1);
+/// Probes per client in the NetworkPolicy phase (a denied one waits out its timeout).
+const POLICY_PROBES: u32 = 8;
 
 struct Tally {
     connected: u32,
@@ -598,6 +601,106 @@ fn external_host(manifests: &Path) -> anyhow::Result<String> {
     Ok(format!("outside={a}.{b}.{c}.250"))
 }
 
+/// Applies `DIR/policy/` over DIR's manifests, probes Service demo/web from the client the
+/// policy admits and from the one it does not, and shows what the agents say about it:
+/// `explain` for both, and the flow log.
+fn policy_phase(manifests: &Path) -> anyhow::Result<(String, Vec<String>)> {
+    let policy_dir = manifests.join("policy");
+    if !policy_dir.is_dir() {
+        return Ok((String::new(), Vec::new()));
+    }
+    let dir = crate::home().join("demo-policy");
+    std::fs::create_dir_all(&dir)?;
+    for entry in std::fs::read_dir(manifests)?.chain(std::fs::read_dir(&policy_dir)?) {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), dir.join(entry.file_name()))?;
+        }
+    }
+    crate::apply(&dir)?;
+    let state = State::load()?;
+    let mut out = String::new();
+    let mut problems = Vec::new();
+    let _ = writeln!(
+        out,
+        "\n== NetworkPolicy: {} applied ==",
+        std::fs::read_dir(&policy_dir)?
+            .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let Some(web) = state.services.iter().find(|s| s.key == "demo/web") else {
+        bail!("the demo's policy phase needs Service demo/web");
+    };
+    let Some((port, proto)) = web.ports.first().cloned() else {
+        bail!("Service demo/web has no port");
+    };
+    let to = SocketAddr::from((web.ip, port));
+    for (client, admitted) in [("demo/client-a", true), ("demo/client-b", false)] {
+        let t = tally(&state, client, &proto, to, POLICY_PROBES)?;
+        let answered: Vec<&str> = t.by_backend.keys().map(String::as_str).collect();
+        let _ = writeln!(
+            out,
+            "{client} -> {} {to}/{proto}: {}/{POLICY_PROBES} connected, {} no answer ({}){}",
+            web.key,
+            t.connected,
+            t.timeout,
+            if admitted { "admitted" } else { "denied" },
+            if answered.is_empty() {
+                String::new()
+            } else {
+                format!("; answered by {}", answered.join(", "))
+            }
+        );
+        let want = if admitted { POLICY_PROBES } else { 0 };
+        if t.connected != want {
+            problems.push(format!(
+                "{client} -> {to}: {} of {POLICY_PROBES} connected with the policy, expected {want}",
+                t.connected
+            ));
+        }
+        let selected = |key: &str| {
+            state
+                .pods
+                .iter()
+                .any(|p| p.spec.key == key && web.selects(&p.spec))
+        };
+        if let Some(stray) = answered.iter().find(|b| !selected(b)) {
+            problems.push(format!(
+                "{client} -> {to} was answered by {stray}, not a web backend"
+            ));
+        }
+        let explained = crate::explain::explain(client, &format!("{to}/{proto}"))?;
+        let _ = write!(out, "explain: {explained}");
+        let says = if admitted {
+            "allowed, by NetworkPolicy demo/web-from-frontends"
+        } else {
+            "denied (policy_ingress)"
+        };
+        if !explained.contains(says) {
+            problems.push(format!("explain {client} -> {to} does not say {says:?}"));
+        }
+    }
+    let flows = crate::explain::flows(false)?;
+    let lines: Vec<&str> = flows.lines().collect();
+    let _ = writeln!(
+        out,
+        "flow log (last {} of {}):",
+        lines.len().min(4),
+        lines.len()
+    );
+    for l in lines.iter().rev().take(4).rev() {
+        let _ = writeln!(out, "  {l}");
+    }
+    if !lines
+        .iter()
+        .any(|l| l.contains("ingress denied no policy of demo/web-"))
+    {
+        problems.push("the flow log has no denied flow to a web pod".to_owned());
+    }
+    Ok((out, problems))
+}
+
 /// Runs the demo; the lab is always torn down.
 ///
 /// # Errors
@@ -605,13 +708,16 @@ fn external_host(manifests: &Path) -> anyhow::Result<String> {
 pub fn run(manifests: &Path) -> anyhow::Result<()> {
     eprintln!("demo: building the lab from {}", manifests.display());
     let state = crate::up(manifests, None, &[external_host(manifests)?])?;
-    let result = report(&state).and_then(|(text, problems)| {
+    let result = report(&state).and_then(|(text, mut problems)| {
         print!("{text}");
         println!("\n== Reachability matrix (pods x pod ports and service ports) ==");
         print!(
             "{}",
             crate::matrix_table(&state, Duration::from_millis(300))?
         );
+        let (text, policy_problems) = policy_phase(manifests)?;
+        print!("{text}");
+        problems.extend(policy_problems);
         Ok(problems)
     });
     crate::down()?;
@@ -625,6 +731,9 @@ pub fn run(manifests: &Path) -> anyhow::Result<()> {
         );
         println!(
             "verdict: from outside, NodePorts and LoadBalancer IPs answered as their traffic policy says (Cluster: every ready backend, remote ones via source NAT; Local: this node's, client address kept, dropped where none)"
+        );
+        println!(
+            "verdict: with the NetworkPolicy applied, every connection of the admitted client reached a web backend, every one of the other was dropped, and explain and the flow log named the policy"
         );
         Ok(())
     } else {

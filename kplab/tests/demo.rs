@@ -38,6 +38,12 @@ fn the_demo_reaches_every_ready_backend_from_both_nodes_and_the_empty_service_re
         "  NodePort on node-b 172.18.0.3:30081/tcp: 0/30 connected\n    (no local endpoint on node-b: dropped, as eTP Local says)",
         "  health check node port 32081: node-a 200, node-b 503",
         "verdict: from outside, NodePorts and LoadBalancer IPs answered as their traffic policy says",
+        "== NetworkPolicy: web-from-frontends.yaml applied ==",
+        "demo/client-a -> demo/web 10.96.200.10:80/tcp: 8/8 connected, 0 no answer (admitted); answered by demo/web-",
+        "demo/client-b -> demo/web 10.96.200.10:80/tcp: 0/8 connected, 8 no answer (denied)\n",
+        ": allowed, by NetworkPolicy demo/web-from-frontends",
+        "denied (policy_ingress)",
+        "verdict: with the NetworkPolicy applied, every connection of the admitted client reached a web backend",
     ] {
         assert!(report.contains(header), "missing {header:?} in:\n{report}");
     }

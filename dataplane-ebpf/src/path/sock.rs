@@ -16,7 +16,9 @@
 //! `NODE_FLAG_SOCKET_PODS` (`--pod-translation socket`), else they are the TC programs' business.
 //! A pod socket to a frontend with `loadBalancerSourceRanges` is left to TC too (the source
 //! address is not chosen yet at connect()), and so is one to a frontend without a backend (TC
-//! drops or refuses it per packet, exactly as for TC-translated pods). For node sockets, a
+//! drops or refuses it per packet, exactly as for TC-translated pods), and so is one whose chosen
+//! backend is a policy-enforced local pod (a pod reaching itself through a Service is judged on
+//! its interface; at the socket it would reach its own address unseen). For node sockets, a
 //! frontend with no ready endpoint refuses the connect or send with ECONNREFUSED, as kube-proxy's
 //! REJECT makes a client see; one with no local endpoint under `internalTrafficPolicy: Local`
 //! fails it with EHOSTUNREACH.
@@ -33,6 +35,7 @@ use dataplane_common::{
 use crate::counters::{count_drop, count_flow};
 use crate::lb::{self, Frontend};
 use crate::maps::{NODE, SOCK_REVNAT};
+use crate::policy;
 
 /// The hook's verdict: let the syscall proceed.
 const PROCEED: i32 = 1;
@@ -107,6 +110,12 @@ pub fn try_forward(ctx: &SockAddrContext) -> Result<i32, DropReason> {
         return Ok(REFUSE);
     }
     let (_, backend) = lb::pick(&frontend, &header)?;
+    if owner == Owner::Pod && policy::epoch().is_some() && policy::enforced(backend.addr) {
+        // A policy-enforced local backend is TC's: a pod that reaches itself through the
+        // Service must be judged, and at the socket its connect would go to its own address
+        // without passing an interface.
+        return Ok(PROCEED);
+    }
     count_flow(header.rev_nat_id);
     let key = SockRevKey {
         // SAFETY: helper call on the program's own context.
