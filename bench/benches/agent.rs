@@ -5,10 +5,9 @@
 use bench::cluster;
 use criterion::{Criterion, criterion_group, criterion_main};
 use dataplane_core::maps::{MapState, diff};
-use dataplane_core::object::{Kind, NsName, Object};
+use dataplane_core::object::{Kind, Object};
 use dataplane_core::reconcile::Reconciler;
 use dataplane_core::translate::translate_service;
-use serde_json::json;
 
 const N: usize = 10_000;
 
@@ -63,56 +62,8 @@ fn benches(c: &mut Criterion) {
     );
 }
 
-/// 10,000 pods in 100 namespaces (50 app labels, an `http` port), a tenth of them on node n1, and
-/// 1,000 policies: each selects one app, admits another app and an ipBlock with an except on
-/// `http` and a port range, and lets it reach a third app in any namespace on `http`.
-fn policy_cluster() -> (
-    std::collections::BTreeMap<NsName, k8s_openapi::api::core::v1::Pod>,
-    std::collections::BTreeMap<NsName, k8s_openapi::api::networking::v1::NetworkPolicy>,
-) {
-    let id = |ns: String, name: String| NsName {
-        namespace: ns,
-        name,
-    };
-    let pods = (0..10_000u32)
-        .map(|n| {
-            let pod = json!({
-                "metadata": {"namespace": format!("ns{}", n % 100), "name": format!("p{n}"),
-                             "labels": {"app": format!("a{}", n % 50)}},
-                "spec": {"nodeName": if n % 10 == 0 { "n1" } else { "n2" },
-                         "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}]},
-                "status": {"podIP": std::net::Ipv4Addr::from(0x0af4_0000 + n).to_string(), "phase": "Running"},
-            });
-            (
-                id(format!("ns{}", n % 100), format!("p{n}")),
-                serde_json::from_value(pod).unwrap(),
-            )
-        })
-        .collect();
-    let policies = (0..1_000u32)
-        .map(|n| {
-            let np = json!({
-                "metadata": {"namespace": format!("ns{}", n % 100), "name": format!("np{n}")},
-                "spec": {
-                    "podSelector": {"matchLabels": {"app": format!("a{}", n % 50)}},
-                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": format!("a{}", (n + 1) % 50)}}},
-                                          {"ipBlock": {"cidr": format!("172.{}.0.0/16", n % 200), "except": [format!("172.{}.1.0/24", n % 200)]}}],
-                                 "ports": [{"port": "http"}, {"port": 9000, "endPort": 9100}]}],
-                    "egress": [{"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": format!("a{}", (n + 2) % 50)}}}],
-                                "ports": [{"port": "http"}]}],
-                },
-            });
-            (
-                id(format!("ns{}", n % 100), format!("np{n}")),
-                serde_json::from_value(np).unwrap(),
-            )
-        })
-        .collect();
-    (pods, policies)
-}
-
 fn policy_benches(c: &mut Criterion) {
-    let (pods, policies) = policy_cluster();
+    let (pods, policies) = bench::policy::cluster();
     let namespaces = std::collections::BTreeMap::new();
     c.bench_function(
         "compile 1k NetworkPolicies over 10k pods (1k on the node)",

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::control::{self, ModeSync};
 use crate::labrun::{self, AgentRss, LabOptions, LabRow};
+use crate::policy::{self, PolicyControl, StageCost};
 use crate::report;
 use crate::testrun::{self, Scale};
 
@@ -69,8 +70,17 @@ pub struct Results {
     pub control: Vec<ModeSync>,
     pub lab: Vec<LabRow>,
     pub agent_rss: Vec<AgentRss>,
+    pub policy: PolicyResults,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub criterion: Option<Vec<CriterionResult>>,
+}
+
+/// NetworkPolicy's costs.
+#[derive(Debug, Serialize)]
+pub struct PolicyResults {
+    pub datapath: Vec<StageCost>,
+    pub control: PolicyControl,
+    pub agent_peak_rss_mb: f64,
 }
 
 /// Runs everything and writes the report.
@@ -107,6 +117,13 @@ pub fn run(mut a: BenchArgs, invocation: &str) -> anyhow::Result<()> {
     let (changes, baseline_changes) = if a.quick { (20, 2) } else { (200, 10) };
     let control = control_plane(&a, changes, baseline_changes, &scratch)?;
 
+    eprintln!("bench: NetworkPolicy, per packet and event -> enforced");
+    let policy = PolicyResults {
+        datapath: policy::per_packet(runs)?,
+        control: policy::control(if a.quick { 10 } else { 50 })?,
+        agent_peak_rss_mb: policy::agent_rss(&scratch, &format!("{LAB}-{}", std::process::id()))?,
+    };
+
     let criterion = a.criterion.as_deref().map(criterion_results).transpose()?;
 
     let options = LabOptions {
@@ -133,6 +150,7 @@ pub fn run(mut a: BenchArgs, invocation: &str) -> anyhow::Result<()> {
         control,
         lab,
         agent_rss,
+        policy,
         criterion,
     };
     report::write(&serde_json::to_value(&results)?, &a.out)?;

@@ -154,8 +154,9 @@ pub fn gen_lab(services: usize, out: &Path) -> anyhow::Result<()> {
                "status": {"addresses": [{"type": "InternalIP", "address": NODE.1}]}}),
     ];
     let pod = |name: &str, ip: Ipv4Addr, port: u16, server: Option<&str>| {
+        let app = name.split('-').next().unwrap_or(name);
         let mut p = json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": cluster::NAMESPACE},
+            "metadata": {"name": name, "namespace": cluster::NAMESPACE, "labels": {"app": app}},
             "spec": {"nodeName": NODE.0, "containers": [{"name": "c", "image": "bench",
                      "ports": [{"containerPort": port, "protocol": "TCP"}]}]},
             "status": {"podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}],
@@ -175,6 +176,20 @@ pub fn gen_lab(services: usize, out: &Path) -> anyhow::Result<()> {
         out.join("manifests/services.yaml"),
         cluster::yaml(&objects)?,
     )?;
+    // The "ours + policy" row: the web pods admit the client pod and the external host on their
+    // port (the node's own clients are always admitted), so every measured flow is judged.
+    let policy = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "web", "namespace": cluster::NAMESPACE},
+        "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}},
+                                       {"ipBlock": {"cidr": format!("{}/32", EXTERNAL.1)}}],
+                              "ports": [{"protocol": "TCP", "port": 8080}]}]}});
+    let with_policy = out.join("policy-manifests");
+    std::fs::create_dir_all(&with_policy)?;
+    for f in ["pods.yaml", "services.yaml"] {
+        std::fs::copy(out.join("manifests").join(f), with_policy.join(f))?;
+    }
+    std::fs::write(with_policy.join("policy.yaml"), cluster::yaml(&[policy])?)?;
     let index = cluster::index(&objects);
     let node_ip: Ipv4Addr = NODE.1.parse()?;
     let node = NodeView {
@@ -605,6 +620,11 @@ pub fn scale(
     let up_s = t.elapsed().as_secs_f64();
     let at = locate()?;
     rows.push(measure(o, &plan, &at, "ours socket", Some(up_s))?);
+    let t = Instant::now();
+    kplab::apply(&dir.join("policy-manifests"))?;
+    let policy_s = t.elapsed().as_secs_f64();
+    rows.push(measure(o, &plan, &at, "ours + policy", Some(policy_s))?);
+    kplab::apply(&dir.join("manifests"))?;
     let pid = kplab::state()?.nodes[0].agent_pid;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let hwm_kb: f64 = status

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use bench::{all, labrun, testrun};
+use bench::{all, labrun, policy, testrun};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -44,6 +44,14 @@ enum Cmd {
         direct: Vec<std::net::SocketAddr>,
         #[arg(long, default_value_t = 2000)]
         count: usize,
+    },
+    /// NetworkPolicy's costs: the policy stage per packet (0, 1, 100, 1,000 rules) and event ->
+    /// enforced at 10,000 pods and 1,000 policies; prints the figures as JSON.
+    Policy {
+        #[arg(long, default_value_t = 20_000)]
+        runs: usize,
+        #[arg(long, default_value_t = 50)]
+        changes: usize,
     },
     /// Everything, side by side with kube-proxy's modes, and the report (what `cargo xtask
     /// bench` runs).
@@ -89,6 +97,11 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
         } => {
             let figures = labrun::paired(&service, &direct, count)?;
             println!("{}", serde_json::to_string(&figures)?);
+            Ok(())
+        }
+        Cmd::Policy { runs, changes } => {
+            let figures = (policy::per_packet(runs)?, policy::control(changes)?);
+            println!("{}", serde_json::to_string_pretty(&figures)?);
             Ok(())
         }
         Cmd::All(args) => {

@@ -341,7 +341,7 @@ pub struct PathCost {
     pub runs: usize,
 }
 
-fn summarise(path: &'static str, program: &'static str, mut ns: Vec<u64>) -> PathCost {
+pub fn summarise(path: &'static str, program: &'static str, mut ns: Vec<u64>) -> PathCost {
     ns.sort_unstable();
     let runs = ns.len();
     let median_ns = ns[runs / 2] as f64;

@@ -135,6 +135,18 @@ where
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
+/// An `ingress_ifindex` for [`Datapath::test_run_tc`] that makes a packet forwarded to a pod:
+/// neither sent by the node's own stack (0) nor bounced back out of the interface it came in on.
+pub const FORWARDED_IFINDEX: u32 = u32::MAX - 1;
+
+/// One `BPF_PROG_TEST_RUN` of a TC program.
+#[derive(Debug)]
+pub struct TcRun {
+    pub verdict: u32,
+    pub frame: Vec<u8>,
+    pub duration_ns: u64,
+}
+
 impl Datapath {
     /// Loads the embedded object and verifies both programs, with fresh maps and no pinning.
     ///
@@ -262,7 +274,7 @@ impl Datapath {
     }
 
     /// Runs a TC program once on `frame` (BPF_PROG_TEST_RUN) with the given `__sk_buff`
-    /// `ingress_ifindex`; the verdict and the frame as the program left it.
+    /// `ingress_ifindex`: the verdict, the frame as the program left it, the kernel's duration.
     ///
     /// # Errors
     /// No such program, or the kernel refused the run.
@@ -271,7 +283,7 @@ impl Datapath {
         name: &str,
         frame: &[u8],
         ingress_ifindex: u32,
-    ) -> anyhow::Result<(u32, Vec<u8>)> {
+    ) -> anyhow::Result<TcRun> {
         use aya::TestRun as _;
         let mut ctx = [0u8; 192];
         // struct __sk_buff: ingress_ifindex at offset 36.
@@ -287,7 +299,11 @@ impl Datapath {
             })
             .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
         out.truncate(r.data_size_out as usize);
-        Ok((r.return_value, out))
+        Ok(TcRun {
+            verdict: r.return_value,
+            frame: out,
+            duration_ns: u64::try_from(r.duration.as_nanos()).unwrap_or(u64::MAX),
+        })
     }
 
     /// A loaded program, for `BPF_PROG_TEST_RUN`.

@@ -23,13 +23,11 @@ use dataplane_core::object::NsName;
 use dataplane_core::pipeline::Pipeline;
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::{CtTable, Datapath};
+use crate::datapath::{CtTable, Datapath, FORWARDED_IFINDEX};
 
 /// The source port of explain's synthetic packets: below every ephemeral range, so no real
 /// flow shares their tuples.
 const EXPLAIN_PORT: u16 = 1;
-/// `ingress_ifindex` of a synthetic packet to a pod: forwarded (not the node's own, not bounced).
-const FORWARDED: u32 = u32::MAX - 1;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -469,7 +467,8 @@ pub fn explain(
     let mut hairpin = false;
     if let Some(pod) = &src_pod {
         let before = datapath.drops()?;
-        let (code, out) = datapath.test_run_tc(prog_names::FROM_POD, &packet, 0)?;
+        let run = datapath.test_run_tc(prog_names::FROM_POD, &packet, 0)?;
+        let (code, out) = (run.verdict, run.frame);
         let after = datapath.drops()?;
         if let Some(dst) = destination(&out).filter(|d| *d != q.to) {
             translated = Some((names.addr(*dst.ip()) + &format!(":{}", dst.port()), dst));
@@ -522,7 +521,9 @@ pub fn explain(
         }
         ("allow", Some(pod)) => {
             let before = datapath.drops()?;
-            let (code, _) = datapath.test_run_tc(prog_names::TO_POD, &packet, FORWARDED)?;
+            let code = datapath
+                .test_run_tc(prog_names::TO_POD, &packet, FORWARDED_IFINDEX)?
+                .verdict;
             let after = datapath.drops()?;
             let events = drain(datapath, pipeline, node, log);
             let (verdict, passed) = half(
