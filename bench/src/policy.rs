@@ -238,7 +238,7 @@ pub struct PolicyControl {
     pub label_change: Percentiles,
     /// One policy's port changed (and back).
     pub policy_change: Percentiles,
-    /// Entries in POLICY_IDS, POLICY_EP and POLICY after the full sync.
+    /// Entries in POLICY_IDS, POLICY_EP and POLICY after the changes (both generations).
     pub id_entries: usize,
     pub endpoint_entries: usize,
     pub rule_entries: usize,
@@ -281,12 +281,6 @@ pub fn control(changes: usize) -> anyhow::Result<PolicyControl> {
             &applied.problems[..1]
         );
     }
-    let tables = pipeline
-        .reconciler
-        .policy()
-        .context("the pipeline keeps no policy")?
-        .programmed()
-        .clone();
     let mut label_ms = Vec::with_capacity(changes);
     for c in 0..changes {
         let app = if c % 2 == 0 { "a7" } else { "a0" };
@@ -321,6 +315,11 @@ pub fn control(changes: usize) -> anyhow::Result<PolicyControl> {
             bail!("a policy change wrote nothing");
         }
     }
+    let maps = pipeline
+        .reconciler
+        .policy()
+        .context("the pipeline keeps no policy")?
+        .maps();
     Ok(PolicyControl {
         pods: pods.len(),
         policies: policies.len(),
@@ -328,9 +327,9 @@ pub fn control(changes: usize) -> anyhow::Result<PolicyControl> {
         full_sync_s,
         label_change: Percentiles::of(label_ms),
         policy_change: Percentiles::of(policy_ms),
-        id_entries: tables.ids.len(),
-        endpoint_entries: tables.endpoints.len(),
-        rule_entries: tables.rules.len(),
+        id_entries: maps.ids.len(),
+        endpoint_entries: maps.endpoints.len(),
+        rule_entries: maps.rules.len(),
     })
 }
 

@@ -368,7 +368,7 @@ fn policy(md: &mut String, d: &Value) {
         md,
         "Event -> enforced (object change applied to every map written, `Pipeline::apply` into the kernel maps) \
          with {} pods ({} on the node) and {} policies: full sync {} s (target under 1 s); one local pod's label \
-         change p50 / p99 {} (target under 5 ms p99); one policy's port range changed {}. Map entries: \
+         change p50 / p99 {} (target under 5 ms p99); one policy's port range changed {}. Map entries (both generations): \
          POLICY_IDS {}, POLICY_EP {}, POLICY {}. The agent's peak RSS with these objects (from a manifests \
          directory, after its first sync): {} MB.\n",
         c["pods"],

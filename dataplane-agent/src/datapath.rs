@@ -20,8 +20,8 @@ use aya::{
 };
 use dataplane_common::{
     Backend, CtKey, CtValue, DropReason, NODE_FLAG_POLICY, NODE_FLAG_SOCKET_PODS, NodeConfig,
-    PolicyCounters, PolicyEndpoint, PolicyEvent, PolicyKey, PolicyValue, ServiceKey, ServiceValue,
-    SourceRangeKey, SvcStats, map_names, prog_names,
+    PolicyCounters, PolicyEndpoints, PolicyEvent, PolicyIdentity, PolicyKey, PolicyValue,
+    ServiceKey, ServiceValue, SourceRangeKey, SvcStats, map_names, prog_names,
 };
 
 /// The socket hooks, attached together to one cgroup.
@@ -35,7 +35,7 @@ const SOCK_PROGRAMS: [&str; 4] = [
 /// `statfs` magic of a cgroup v2 filesystem.
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
-use dataplane_core::maps::Op;
+use dataplane_core::maps::{Op, next_policy_epoch};
 use dataplane_core::reconcile::MapWriter;
 
 /// One program's link to one interface. A pinned link outlives the agent: the program keeps
@@ -104,8 +104,8 @@ pub struct Datapath {
     node: Array<MapData, NodeConfig>,
     node_config: NodeConfig,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
-    policy_ids: LpmTrie<MapData, u32, u32>,
-    policy_ep: HashMap<MapData, u32, PolicyEndpoint>,
+    policy_ids: LpmTrie<MapData, u32, PolicyIdentity>,
+    policy_ep: HashMap<MapData, u32, PolicyEndpoints>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     policy_stats: PerCpuArray<MapData, PolicyCounters>,
     policy_events: RingBuf<MapData>,
@@ -809,7 +809,10 @@ impl MapWriter for Datapath {
                     Err(e) => return Err(e.into()),
                 }
             }
-            Op::PolicyCommit { enforced } => {
+            Op::PolicyCommit {
+                enforced,
+                generation,
+            } => {
                 let flags = if *enforced {
                     self.node_config.flags | NODE_FLAG_POLICY
                 } else {
@@ -817,7 +820,7 @@ impl MapWriter for Datapath {
                 };
                 let config = NodeConfig {
                     flags,
-                    policy_epoch: self.node_config.policy_epoch.wrapping_add(1),
+                    policy_epoch: next_policy_epoch(self.node_config.policy_epoch, *generation),
                     ..self.node_config
                 };
                 self.node

@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use dataplane_agent::datapath::Datapath;
-use dataplane_common::{EP_INGRESS_ISOLATED, PolicyEndpoint};
+use dataplane_common::{EP_INGRESS_ISOLATED, PolicyEndpoint, PolicyEndpoints};
 use dataplane_core::fixtures::{ready, service, slice};
 use dataplane_core::index::Index;
 use dataplane_core::maps::Op;
@@ -257,10 +257,12 @@ fn pod_sockets_are_translated_at_the_socket_only_when_pod_translation_is_socket(
             let op = if on {
                 Op::UpsertPolicyEndpoint(
                     addr,
-                    PolicyEndpoint {
-                        endpoint: 1,
-                        flags: EP_INGRESS_ISOLATED,
-                        pad: 0,
+                    PolicyEndpoints {
+                        generation: [0, 1].map(|generation| PolicyEndpoint {
+                            endpoint: 1,
+                            flags: EP_INGRESS_ISOLATED,
+                            generation,
+                        }),
                     },
                 )
             } else {
@@ -268,7 +270,11 @@ fn pod_sockets_are_translated_at_the_socket_only_when_pod_translation_is_socket(
             };
             dp.write(&op).unwrap();
         }
-        dp.write(&Op::PolicyCommit { enforced: on }).unwrap();
+        dp.write(&Op::PolicyCommit {
+            enforced: on,
+            generation: u8::from(on),
+        })
+        .unwrap();
     };
     enforce(&mut dp, true);
     let enforced = client(pod.name(), Some(pod_cg.path()));

@@ -14,8 +14,9 @@
 //!  CLOCK     [0] --> CLOCK_MONOTONIC ns, written by the agent (conntrack timestamps)
 //!  SOCK_REVNAT {cookie, backend addr, port} --> {frontend addr, port, rev_nat_id} (socket hooks)
 //!  NODE      [0] --> {node netns cookie, SNAT address and ports, policy epoch}, written by the agent
-//!  POLICY_IDS LPM {addr} --> identity;  POLICY_EP pod addr --> {endpoint id, isolation}
-//!  POLICY    LPM {endpoint, dir, identity, proto, port} --> {policy id} (NetworkPolicy)
+//!  POLICY_IDS LPM {addr} --> identity per generation
+//!  POLICY_EP pod addr --> {endpoint id, isolation} per generation
+//!  POLICY    LPM {endpoint, dir, generation, identity, proto, port} --> {policy id} (NetworkPolicy)
 //!  POLICY_STATS per-CPU [endpoint * 2 + dir] --> {allowed, denied}
 //! ```
 //!
@@ -51,9 +52,9 @@ pub mod map_names {
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT_V1";
     pub const NODE: &str = "NODE_V3";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES_V1";
-    pub const POLICY_IDS: &str = "POLICY_IDS_V1";
-    pub const POLICY_EP: &str = "POLICY_EP_V1";
-    pub const POLICY: &str = "POLICY_V1";
+    pub const POLICY_IDS: &str = "POLICY_IDS_V2";
+    pub const POLICY_EP: &str = "POLICY_EP_V2";
+    pub const POLICY: &str = "POLICY_V2";
     pub const POLICY_STATS: &str = "POLICY_STATS_V1";
     pub const POLICY_EVENTS: &str = "POLICY_EVENTS_V1";
     pub const POLICY_EVENT_RATE: &str = "POLICY_EVENT_RATE_V1";

@@ -2,9 +2,9 @@
 //! (`POLICY_EP`), and what each enforced pod admits (`POLICY`).
 //!
 //! ```text
-//!  POLICY_IDS LPM {addr}                                   --> identity (longest prefix wins)
-//!  POLICY_EP  pod addr                                     --> {endpoint id, isolation flags}
-//!  POLICY     LPM {endpoint, dir, identity, proto, port}   --> {policy id}
+//!  POLICY_IDS LPM {addr}                     --> identity per generation (longest prefix wins)
+//!  POLICY_EP  pod addr                       --> {endpoint id, isolation flags} per generation
+//!  POLICY     LPM {endpoint, dir, generation, identity, proto, port}   --> {policy id}
 //!  POLICY_STATS per-CPU [endpoint * 2 + dir] --> {allowed, denied}
 //!  POLICY_EVENTS ring buffer of PolicyEvent (rate-limited by POLICY_EVENT_RATE, per CPU)
 //! ```
@@ -14,6 +14,13 @@
 //! prefix of the key is a prefix of its fields: 64 bits match any protocol and port (a rule
 //! without ports), 72 a protocol with any port, `80 + n` the top `n` bits of the port (a port
 //! range is a few such prefixes).
+//!
+//! Two generations of the policy live in the maps at once: the one packets are judged by
+//! (`NODE.policy_epoch & 1`) and the one the agent is writing. The agent writes the whole next
+//! state into the other generation, then switches with one write of `NODE`: no packet is judged
+//! by a half-written policy. A `POLICY_IDS` prefix present in one generation only carries, for
+//! the other, the identity that generation's longest match would give, so a lookup in the union
+//! of both generations' prefixes answers for either.
 
 /// `POLICY` key direction: traffic into the local pod.
 pub const POLICY_DIR_INGRESS: u8 = 0;
@@ -38,7 +45,8 @@ pub struct PolicyKey {
     pub endpoint: u16,
     /// `POLICY_DIR_*`.
     pub dir: u8,
-    pub pad: u8,
+    /// The policy generation the entry belongs to (0 or 1).
+    pub generation: u8,
     /// The peer's identity (from `POLICY_IDS`), or [`POLICY_ANY_PEER`]; big-endian.
     pub identity: u32,
     pub proto: u8,
@@ -62,16 +70,37 @@ pub const EP_EGRESS_ISOLATED: u8 = 2;
 /// flow of the pod is denied, in both directions, until it can.
 pub const EP_DENY_ALL: u8 = 4;
 
-/// Value of `POLICY_EP`, keyed by a local pod's address (network byte order). A pod without an
-/// entry is enforced in neither direction.
+/// One generation's half of a `POLICY_EP` value. Endpoint id 0 (never allocated): the pod is
+/// not enforced in that generation.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyEndpoint {
     pub endpoint: u16,
     /// `EP_*`.
     pub flags: u8,
-    pub pad: u8,
+    /// The generation this half belongs to (its index in [`PolicyEndpoints`]): the datapath
+    /// reads it from here rather than keeping `NODE`'s across its lookups.
+    pub generation: u8,
 }
+
+/// Value of `POLICY_EP`, keyed by a local pod's address (network byte order): the pod in each
+/// generation. A pod without an entry is enforced in neither.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyEndpoints {
+    pub generation: [PolicyEndpoint; 2],
+}
+
+/// Value of `POLICY_IDS`: the prefix's identity in each generation (host byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyIdentity {
+    pub generation: [u32; 2],
+}
+
+/// The identity of an address in a generation that has no prefix for it (no pod is enforced
+/// there): no rule names it, so only rules admitting any peer apply.
+pub const POLICY_NO_IDENTITY: u32 = u32::MAX;
 
 /// `POLICY_STATS` per-CPU slot of an endpoint and direction: `endpoint * 2 + dir`.
 #[repr(C)]
@@ -137,6 +166,8 @@ pub const MAX_POLICY_IDS: u32 = 1 << 18;
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 4);
 const _: () = assert!(core::mem::size_of::<PolicyEndpoint>() == 4);
+const _: () = assert!(core::mem::size_of::<PolicyEndpoints>() == 8);
+const _: () = assert!(core::mem::size_of::<PolicyIdentity>() == 8);
 const _: () = assert!(core::mem::size_of::<PolicyCounters>() == 16);
 const _: () = assert!(core::mem::size_of::<PolicyEvent>() == 24);
 const _: () = assert!(core::mem::size_of::<EventRate>() == 48);
@@ -151,6 +182,12 @@ unsafe impl aya::Pod for PolicyValue {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for PolicyEndpoint {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for PolicyEndpoints {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for PolicyIdentity {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for PolicyCounters {}

@@ -12,12 +12,12 @@
 use std::collections::BTreeMap;
 
 use dataplane_common::{
-    BACKEND_LOCAL, Backend, PolicyEndpoint, PolicyValue, SCOPE_CLUSTER, SCOPE_EXTERNAL,
-    SOURCE_RANGE_ID_BITS, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_SOURCE_RANGES,
-    ServiceKey, ServiceValue, SourceRangeKey,
+    BACKEND_LOCAL, Backend, PolicyEndpoints, PolicyIdentity, PolicyValue, SCOPE_CLUSTER,
+    SCOPE_EXTERNAL, SOURCE_RANGE_ID_BITS, SVC_FLAG_DROP_EMPTY, SVC_FLAG_EXTERNAL_LOCAL,
+    SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRangeKey,
 };
 
-use crate::policy_maps::{IdPrefix, PolicyTables, RulePrefix};
+use crate::policy_maps::{IdPrefix, PolicyMaps, RulePrefix};
 use crate::table::Plan;
 use crate::translate::{BackendAddr, Frontend, FrontendSpec};
 
@@ -31,15 +31,17 @@ pub enum Op {
     DeleteSourceRange(SourceRange),
     DeleteBackend(u32),
     UpsertPolicyRule(RulePrefix, PolicyValue),
-    UpsertPolicyEndpoint(u32, PolicyEndpoint),
-    UpsertPolicyId(IdPrefix, u32),
+    UpsertPolicyEndpoint(u32, PolicyEndpoints),
+    UpsertPolicyId(IdPrefix, PolicyIdentity),
     DeletePolicyId(IdPrefix),
     DeletePolicyEndpoint(u32),
     DeletePolicyRule(RulePrefix),
-    /// The policy maps changed: bump the policy epoch (tracked flows are judged again), and
-    /// whether any local pod is enforced now.
+    /// Switch to policy generation `generation` (the policy epoch moves on to the next number
+    /// of its parity: tracked flows are judged again), and whether any local pod is enforced
+    /// in it.
     PolicyCommit {
         enforced: bool,
+        generation: u8,
     },
 }
 
@@ -56,7 +58,7 @@ pub struct MapState {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
     pub source_ranges: BTreeMap<SourceRange, ()>,
-    pub policy: PolicyTables,
+    pub policy: PolicyMaps,
     /// Policy commits so far (the epoch the datapath would have), and whether a pod is enforced.
     pub policy_epoch: u32,
     pub policy_enforced: bool,
@@ -85,30 +87,32 @@ impl MapState {
                 Op::DeleteSourceRange(r) => {
                     self.source_ranges.remove(&r);
                 }
-                Op::UpsertPolicyRule(k, v) => {
-                    self.policy.rules.insert(k, v);
-                }
-                Op::UpsertPolicyEndpoint(k, v) => {
-                    self.policy.endpoints.insert(k, v);
-                }
-                Op::UpsertPolicyId(k, v) => {
-                    self.policy.ids.insert(k, v);
-                }
-                Op::DeletePolicyId(k) => {
-                    self.policy.ids.remove(&k);
-                }
-                Op::DeletePolicyEndpoint(k) => {
-                    self.policy.endpoints.remove(&k);
-                }
-                Op::DeletePolicyRule(k) => {
-                    self.policy.rules.remove(&k);
-                }
-                Op::PolicyCommit { enforced } => {
-                    self.policy_epoch += 1;
+                Op::UpsertPolicyRule(..)
+                | Op::UpsertPolicyEndpoint(..)
+                | Op::UpsertPolicyId(..)
+                | Op::DeletePolicyId(_)
+                | Op::DeletePolicyEndpoint(_)
+                | Op::DeletePolicyRule(_) => self.policy.apply(op),
+                Op::PolicyCommit {
+                    enforced,
+                    generation,
+                } => {
+                    self.policy_epoch = next_policy_epoch(self.policy_epoch, generation);
                     self.policy_enforced = enforced;
                 }
             }
         }
+    }
+}
+
+/// The first policy epoch after `epoch` that selects `generation` (`epoch & 1`).
+#[must_use]
+pub fn next_policy_epoch(epoch: u32, generation: u8) -> u32 {
+    let next = epoch.wrapping_add(1);
+    if next & 1 == u32::from(generation & 1) {
+        next
+    } else {
+        next.wrapping_add(1)
     }
 }
 

@@ -17,7 +17,7 @@ use dataplane_common::{
 
 use crate::index::{Dirty, Index, Target};
 use crate::object::NsName;
-use crate::policy_maps::{PolicySync, PolicyTables};
+use crate::policy_maps::{PolicyMaps, PolicySync};
 use crate::reconcile::{MapWriter, NodePortAddresses, Reconciler, SyncProblem, SyncReport};
 use crate::source::{Batch, Event, SourceWarning};
 use crate::status::{Histogram, MapUsage, PolicyEndpointStatus, ServiceStatus, Status, by_label};
@@ -216,11 +216,8 @@ impl Pipeline {
     /// The status of `node`, with what the kernel reported.
     #[must_use]
     pub fn status(&self, node: &str, kernel: KernelReadings<'_>) -> Status {
-        let empty = PolicyTables::default();
-        let policy = self
-            .reconciler
-            .policy()
-            .map_or(&empty, PolicySync::programmed);
+        let empty = PolicyMaps::default();
+        let policy = self.reconciler.policy().map_or(&empty, PolicySync::maps);
         let (frontends, backends) = self.reconciler.sizes();
         let mut service_entries = 0;
         let services = self

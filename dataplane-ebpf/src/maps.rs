@@ -9,8 +9,8 @@ use dataplane_common::{
     Backend, CtKey, CtValue, DropReason, EventRate, MAX_BACKENDS, MAX_CONNTRACK,
     MAX_POLICY_ENDPOINTS, MAX_POLICY_IDS, MAX_POLICY_RULES, MAX_REV_NAT_IDS, MAX_SERVICE_ENTRIES,
     MAX_SNAT, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, NodeConfig, POLICY_EVENTS_BYTES, PolicyCounters,
-    PolicyEndpoint, PolicyKey, PolicyValue, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
-    SourceRangeKey, SvcStats,
+    PolicyEndpoints, PolicyIdentity, PolicyKey, PolicyValue, ServiceKey, ServiceValue, SockRevKey,
+    SockRevValue, SourceRangeKey, SvcStats,
 };
 
 /// Service frontends: slot 0 is the header, slots 1..=count the backend ids. Written by the agent.
@@ -66,21 +66,21 @@ pub static NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
     LpmTrie::with_max_entries(MAX_SOURCE_RANGES, BPF_F_NO_PREALLOC);
 
-/// NetworkPolicy peers: address prefix -> identity (longest match; 0.0.0.0/0 is always there).
-/// Written by the agent.
-#[map(name = "POLICY_IDS_V1")]
-pub static POLICY_IDS: LpmTrie<u32, u32> =
+/// NetworkPolicy peers: address prefix -> identity per generation (longest match; 0.0.0.0/0 is
+/// always there). Written by the agent.
+#[map(name = "POLICY_IDS_V2")]
+pub static POLICY_IDS: LpmTrie<u32, PolicyIdentity> =
     LpmTrie::with_max_entries(MAX_POLICY_IDS, BPF_F_NO_PREALLOC);
 
-/// Local pods enforced by NetworkPolicy: pod address -> endpoint id and isolated directions.
-/// Written by the agent.
-#[map(name = "POLICY_EP_V1")]
-pub static POLICY_EP: HashMap<u32, PolicyEndpoint> =
+/// Local pods enforced by NetworkPolicy: pod address -> endpoint id and isolated directions, per
+/// generation. Written by the agent.
+#[map(name = "POLICY_EP_V2")]
+pub static POLICY_EP: HashMap<u32, PolicyEndpoints> =
     HashMap::with_max_entries(MAX_POLICY_ENDPOINTS, BPF_F_NO_PREALLOC);
 
-/// What each enforced pod admits: {endpoint, direction, peer identity, protocol, port prefix}
-/// -> the admitting policy. Written by the agent.
-#[map(name = "POLICY_V1")]
+/// What each enforced pod admits: {endpoint, direction, generation, peer identity, protocol,
+/// port prefix} -> the admitting policy. Written by the agent.
+#[map(name = "POLICY_V2")]
 pub static POLICY: LpmTrie<PolicyKey, PolicyValue> =
     LpmTrie::with_max_entries(MAX_POLICY_RULES, BPF_F_NO_PREALLOC);
 

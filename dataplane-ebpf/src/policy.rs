@@ -4,10 +4,11 @@
 //!
 //! ```text
 //!  from_pod: the pod's egress (peer = destination)   to_pod: the pod's ingress (peer = source)
+//!  generation = NODE.policy_epoch & 1: every lookup below reads that generation's half
 //!  POLICY_EP[pod] --none--> not enforced: pass, untracked
 //!     | flags: which directions are isolated (or DENY_ALL: fail closed)
-//!  POLICY_IDS[peer] --> identity --> POLICY{endpoint, dir, identity, proto, port}
-//!                                 \-> POLICY{endpoint, dir, any peer, proto, port} --none--> drop
+//!  POLICY_IDS[peer] --> identity --> POLICY{endpoint, dir, gen, identity, proto, port}
+//!                                 \-> POLICY{endpoint, dir, gen, any peer, proto, port} --none--> drop
 //!  admitted: CONNTRACK {pod -> peer} (from_pod) and {peer -> pod} (to_pod), NO_NAT, the epoch
 //! ```
 //!
@@ -49,11 +50,19 @@ pub fn current_epoch() -> u32 {
     NODE.get(0).map_or(0, |n| n.policy_epoch)
 }
 
+/// Local pod `addr` in the current generation (endpoint 0: not enforced there).
+#[inline(always)]
+fn endpoint(addr: u32) -> Option<PolicyEndpoint> {
+    let generation = (current_epoch() & 1) as usize;
+    // SAFETY: the value is copied out at once.
+    let ep = unsafe { POLICY_EP.get(addr) }?.generation[generation];
+    (ep.endpoint != 0).then_some(ep)
+}
+
 /// Whether local pod `addr` is selected by a policy (its flows are judged).
 #[inline(always)]
 pub fn enforced(addr: u32) -> bool {
-    // SAFETY: a read of a value the program does not keep.
-    unsafe { POLICY_EP.get(addr) }.is_some()
+    endpoint(addr).is_some()
 }
 
 /// One flow as the policy stage judges it, packed into two registers (a BPF call takes five):
@@ -73,8 +82,7 @@ fn flow(dir: u8, proto: u8, local_port: u16, peer_port: u16) -> (u32, u32) {
 /// direction is also an event (rate-limited).
 #[inline(never)]
 pub fn judge(local: u32, peer: u32, ports: u32, dir_proto: u32) -> Result<bool, DropReason> {
-    // SAFETY: the value is copied out at once.
-    let Some(ep) = (unsafe { POLICY_EP.get(local) }).copied() else {
+    let Some(ep) = endpoint(local) else {
         return Ok(false);
     };
     let (dir, proto) = (dir_proto as u8, (dir_proto >> 8) as u8);
@@ -173,14 +181,14 @@ fn admits(
     }
     let identity = POLICY_IDS
         .get(Key::new(32, peer))
-        .copied()
+        .map(|ids| ids.generation[usize::from(ep.generation & 1)])
         .ok_or(DropReason::PolicyFailClosed)?;
     let mut key = Key::new(
         96,
         PolicyKey {
             endpoint: ep.endpoint,
             dir,
-            pad: 0,
+            generation: ep.generation & 1,
             identity: identity.to_be(),
             proto,
             pad2: 0,
