@@ -45,7 +45,7 @@ pub struct RulePrefix {
     pub prefix_len: u32,
 }
 
-/// The contents of the policy maps.
+/// One generation of the policy maps, as a packet judged by it sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyTables {
     pub ids: BTreeMap<IdPrefix, u32>,
@@ -80,17 +80,11 @@ impl PolicyTables {
         if ep.flags & isolated == 0 {
             return Some(Ok(0));
         }
-        let peer_bits = u32::from(peer);
-        let identity = self
-            .ids
-            .iter()
-            .filter(|(p, _)| {
-                let mask = u32::MAX.checked_shl(32 - u32::from(p.len)).unwrap_or(0);
-                u32::from_be_bytes(p.addr.to_ne_bytes()) & mask == peer_bits & mask
-            })
-            .max_by_key(|(p, _)| p.len)
-            .map(|(_, id)| *id);
-        let Some(identity) = identity else {
+        let peer = IdPrefix {
+            addr: u32::from_ne_bytes(peer.octets()),
+            len: 32,
+        };
+        let Some(identity) = longest_match(&self.ids, peer) else {
             return Some(Err(()));
         };
         let lookup = |identity: u32| {
