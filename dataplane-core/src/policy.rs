@@ -1,5 +1,5 @@
-//! NetworkPolicy compilation (issue 12, first slice: the compiler; the datapath does not enforce
-//! it yet). From Pods, Namespaces and NetworkPolicies to the tables a policy stage looks up:
+//! NetworkPolicy compilation: from Pods, Namespaces and NetworkPolicies to the tables the
+//! datapath's policy stage looks up (written by [`crate::policy_maps`]):
 //!
 //! ```text
 //!  peers of every policy (podSelector x namespaceSelector, ipBlock with except)
@@ -15,7 +15,11 @@
 //! `except` inside another block) is exact: the atoms it splits get identities of their own.
 //! Named ports resolve on the destination pod: a local pod's own ports for ingress, the peer's
 //! for egress (which is why the ports an atom resolves are part of its signature).
-use std::collections::{BTreeMap, BTreeSet};
+//!
+//! Selectors are evaluated on candidates only: the pods of a namespace, or of a `matchLabels`
+//! pair (a [`PodIndex`] built once per compile), so the cost follows the pods a selector can
+//! match rather than pods x peers.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -35,6 +39,7 @@ pub const ANY_PEER: u32 = 0;
 const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 type Labels = BTreeMap<String, String>;
+static NO_LABELS: Labels = BTreeMap::new();
 /// An isolated direction's keys, each with the policy that allows it.
 pub type Allowed = BTreeMap<RuleKey, NsName>;
 
@@ -183,7 +188,7 @@ pub struct Compiled {
 /// A pod as policy sees it.
 struct PodView<'a> {
     ns: &'a str,
-    labels: Labels,
+    labels: &'a Labels,
     ip: Ipv4Addr,
     local: bool,
     /// Named container ports: (name, protocol) -> port.
@@ -199,7 +204,7 @@ fn proto_number(p: Option<&str>) -> Option<u8> {
     }
 }
 
-fn pod_view<'a>(id: &'a NsName, pod: &Pod, node: &str) -> Option<PodView<'a>> {
+fn pod_view<'a>(id: &'a NsName, pod: &'a Pod, node: &str) -> Option<PodView<'a>> {
     let spec = pod.spec.as_ref()?;
     let status = pod.status.as_ref()?;
     if spec.host_network == Some(true)
@@ -222,11 +227,67 @@ fn pod_view<'a>(id: &'a NsName, pod: &Pod, node: &str) -> Option<PodView<'a>> {
         .collect();
     Some(PodView {
         ns: &id.namespace,
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        labels: pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
         ip,
         local: spec.node_name.as_deref() == Some(node),
         named,
     })
+}
+
+/// The pods by namespace and by label, to evaluate a selector on the pods it can match only.
+struct PodIndex<'a> {
+    by_ns: HashMap<&'a str, Vec<usize>>,
+    by_label: HashMap<(&'a str, &'a str), Vec<usize>>,
+    all: Vec<usize>,
+}
+
+impl<'a> PodIndex<'a> {
+    fn build(views: &[PodView<'a>]) -> Self {
+        let mut index = PodIndex {
+            by_ns: HashMap::new(),
+            by_label: HashMap::new(),
+            all: (0..views.len()).collect(),
+        };
+        for (i, v) in views.iter().enumerate() {
+            index.by_ns.entry(v.ns).or_default().push(i);
+            for (k, val) in v.labels {
+                index
+                    .by_label
+                    .entry((k.as_str(), val.as_str()))
+                    .or_default()
+                    .push(i);
+            }
+        }
+        index
+    }
+
+    /// A superset of the pods `selector` matches, ascending: those with its rarest
+    /// `matchLabels` pair, else those of `namespace` when given, else every pod.
+    fn candidates<'s>(
+        &'s self,
+        selector: Option<&'s LabelSelector>,
+        namespace: Option<&str>,
+    ) -> &'s [usize] {
+        let none: &'s [usize] = &[];
+        let pairs = selector.and_then(|s| s.match_labels.as_ref());
+        let by_label = pairs.and_then(|pairs| {
+            pairs
+                .iter()
+                .map(|(k, v)| {
+                    self.by_label
+                        .get(&(k.as_str(), v.as_str()))
+                        .map_or(none, Vec::as_slice)
+                })
+                .min_by_key(|pods| pods.len())
+        });
+        let by_ns = namespace.map(|ns| self.by_ns.get(ns).map_or(none, Vec::as_slice));
+        match (by_label, by_ns) {
+            (Some(l), Some(n)) if n.len() < l.len() => n,
+            (Some(l), _) => l,
+            (None, Some(n)) => n,
+            (None, None) => &self.all,
+        }
+    }
 }
 
 /// The labels of a namespace: its object's, or (not seen yet) only the name label the API
@@ -286,6 +347,7 @@ pub fn compile(
         .iter()
         .filter_map(|(id, p)| pod_view(id, p, node))
         .collect();
+    let index = PodIndex::build(&views);
     let mut peers: Vec<Peer> = Vec::new();
     let mut rules: Vec<Rule> = Vec::new();
     // Per local pod: isolated for ingress, for egress.
@@ -302,8 +364,13 @@ pub fn compile(
             // The API's default: Ingress, and Egress when there are egress rules.
             _ => (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty())),
         };
-        let (targets, broken) =
-            select_targets(name, spec.pod_selector.as_ref(), &views, &mut problems);
+        let (targets, broken) = select_targets(
+            name,
+            spec.pod_selector.as_ref(),
+            &views,
+            &index,
+            &mut problems,
+        );
         for &i in &targets {
             let e = isolated.entry(i).or_default();
             e.0 |= ingress;
@@ -343,7 +410,7 @@ pub fn compile(
                     .enumerate()
                     .map(|(peer_at, peer)| {
                         let mut resolved =
-                            resolve_peer(name, peer, &views, namespaces, &mut problems);
+                            resolve_peer(name, peer, &views, &index, namespaces, &mut problems);
                         resolved.origin = digest(&(name, is_ingress, rule_at, peer_at));
                         peers.push(resolved);
                         peers.len() - 1
@@ -428,16 +495,20 @@ fn select_targets(
     policy: &NsName,
     selector: Option<&LabelSelector>,
     views: &[PodView],
+    index: &PodIndex,
     problems: &mut Vec<PolicyProblem>,
 ) -> (Vec<usize>, bool) {
     let empty = LabelSelector::default();
-    let selector = selector.unwrap_or(&empty);
     let mut broken = None;
-    let targets = views
+    // An unevaluable selector selects every pod of the namespace: candidates by namespace then.
+    let valid = matches(selector.unwrap_or(&empty), &NO_LABELS).is_ok();
+    let candidates = index.candidates(selector.filter(|_| valid), Some(&policy.namespace));
+    let selector = selector.unwrap_or(&empty);
+    let targets = candidates
         .iter()
-        .enumerate()
+        .map(|&i| (i, &views[i]))
         .filter(|(_, v)| v.local && v.ns == policy.namespace)
-        .filter(|(_, v)| match matches(selector, &v.labels) {
+        .filter(|(_, v)| match matches(selector, v.labels) {
             Ok(m) => m,
             Err(e) => {
                 broken.get_or_insert(e);
@@ -568,25 +639,38 @@ impl Identities {
             views.iter().enumerate().map(|(i, v)| (v.ip, i)).collect();
         prefixes.extend(pod_at.keys().map(|&addr| Cidr { addr, len: 32 }));
 
+        // Per pod, the selector peers it is in (ascending), from the peers' own member lists:
+        // the cost is the members, not pods x peers.
+        let mut pod_peers: Vec<Vec<usize>> = vec![Vec::new(); views.len()];
+        for (i, peer) in peers.iter().enumerate() {
+            if peer.block.is_none() {
+                for &pod in &peer.pods {
+                    pod_peers[pod].push(i);
+                }
+            }
+        }
+        let blocks: Vec<(usize, &(Cidr, Vec<Cidr>))> = peers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((i, p.block.as_ref()?)))
+            .collect();
         let mut interned: BTreeMap<Signature, u32> = BTreeMap::new();
         let mut by_prefix = BTreeMap::new();
         for prefix in prefixes {
             let pod = (prefix.len == 32)
                 .then(|| pod_at.get(&prefix.addr))
                 .flatten();
+            let mut in_peers: Vec<usize> = blocks
+                .iter()
+                .filter(|(_, (c, except))| {
+                    within(&prefix, c) && !except.iter().any(|e| within(&prefix, e))
+                })
+                .map(|(i, _)| *i)
+                .chain(pod.into_iter().flat_map(|&i| pod_peers[i].iter().copied()))
+                .collect();
+            in_peers.sort_unstable();
             let sig = Signature {
-                peers: peers
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, peer)| match (&peer.block, pod) {
-                        (Some((c, except)), _) => {
-                            within(&prefix, c) && !except.iter().any(|e| within(&prefix, e))
-                        }
-                        (None, Some(i)) => peer.pods.contains(i),
-                        (None, None) => false,
-                    })
-                    .map(|(i, _)| i)
-                    .collect(),
+                peers: in_peers,
                 named: pod.map_or_else(Vec::new, |&i| {
                     egress_names
                         .iter()
@@ -639,10 +723,11 @@ fn within(inner: &Cidr, outer: &Cidr) -> bool {
     inner.len >= outer.len && outer.contains(inner.addr)
 }
 
-fn resolve_peer(
+fn resolve_peer<'a>(
     policy: &NsName,
     peer: &NetworkPolicyPeer,
-    views: &[PodView],
+    views: &[PodView<'a>],
+    index: &PodIndex,
     namespaces: &BTreeMap<String, Namespace>,
     problems: &mut Vec<PolicyProblem>,
 ) -> Peer {
@@ -678,36 +763,48 @@ fn resolve_peer(
             error,
         });
     };
-    for (i, v) in views.iter().enumerate() {
-        let ns_ok = match &peer.namespace_selector {
-            // podSelector alone: the policy's own namespace.
-            None => v.ns == policy.namespace,
-            Some(sel) => match matches(sel, &namespace_labels(namespaces, v.ns)) {
-                Ok(m) => m,
-                Err(e) => {
-                    failed("namespaceSelector", e);
-                    return out;
-                }
-            },
-        };
-        if !ns_ok {
-            continue;
+    // A selector that cannot be evaluated matches nothing (reported once a pod would need it).
+    if let Some(Err(e)) = peer
+        .namespace_selector
+        .as_ref()
+        .map(|s| matches(s, &NO_LABELS))
+    {
+        if !views.is_empty() {
+            failed("namespaceSelector", e);
         }
-        let pod_ok = match &peer.pod_selector {
-            None => true,
-            Some(sel) => match matches(sel, &v.labels) {
-                Ok(m) => m,
-                Err(e) => {
-                    failed("podSelector", e);
-                    return Peer {
-                        pods: BTreeSet::new(),
-                        block: None,
-                        origin: 0,
-                    };
-                }
-            },
-        };
-        if pod_ok {
+        return out;
+    }
+    // podSelector alone: the policy's own namespace; with a namespaceSelector, its namespaces
+    // (each evaluated once).
+    let mut namespace_ok: HashMap<&'a str, bool> = HashMap::new();
+    let mut in_namespace = |ns: &'a str| match &peer.namespace_selector {
+        None => ns == policy.namespace,
+        Some(sel) => *namespace_ok
+            .entry(ns)
+            .or_insert_with(|| matches(sel, &namespace_labels(namespaces, ns)).unwrap_or(false)),
+    };
+    let own = peer
+        .namespace_selector
+        .is_none()
+        .then_some(policy.namespace.as_str());
+    if let Some(Err(e)) = peer.pod_selector.as_ref().map(|s| matches(s, &NO_LABELS)) {
+        if index
+            .candidates(None, own)
+            .iter()
+            .any(|&i| in_namespace(views[i].ns))
+        {
+            failed("podSelector", e);
+        }
+        return out;
+    }
+    for &i in index.candidates(peer.pod_selector.as_ref(), own) {
+        let v = &views[i];
+        if in_namespace(v.ns)
+            && peer
+                .pod_selector
+                .as_ref()
+                .is_none_or(|sel| matches(sel, v.labels).unwrap_or(false))
+        {
             out.pods.insert(i);
         }
     }
