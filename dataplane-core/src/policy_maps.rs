@@ -274,6 +274,8 @@ pub struct PolicySync {
     active: u8,
     /// What the maps hold, as far as the writes succeeded.
     maps: PolicyMaps,
+    /// Every write of the last sync succeeded: `maps` holds `generations` exactly.
+    written: bool,
 }
 
 /// What a policy sync did.
@@ -301,6 +303,7 @@ impl PolicySync {
             generations: [PolicyTables::default(), PolicyTables::default()],
             active: 0,
             maps: PolicyMaps::default(),
+            written: true,
         }
     }
 
@@ -357,12 +360,11 @@ impl PolicySync {
         };
         let mut next = self.tables(&compiled);
         let standby = usize::from(1 - self.active);
-        if next == *self.programmed() && self.maps == PolicyMaps::holding(&self.generations) {
+        if self.written && next == *self.programmed() {
             return report;
         }
-        let mut generations = self.generations.clone();
-        generations[standby] = next.clone();
-        let target = PolicyMaps::holding(&generations);
+        self.generations[standby] = next.clone();
+        let target = PolicyMaps::holding(&self.generations);
         let ops = diff(&self.maps, &target);
         let mut denied: HashSet<u32> = HashSet::new();
         let mut all_denied = false;
@@ -433,6 +435,7 @@ impl PolicySync {
                 Err(e) => report.failures.push((None, format!("{commit:?}: {e:#}"))),
             }
         }
+        self.written = report.failures.is_empty();
         self.release_unused();
         report
     }
